@@ -1,0 +1,1 @@
+"""Benchmarks: one script per performance target, run as ``python -m benchmarks.<name>`` from the repo root."""

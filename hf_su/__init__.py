@@ -1,0 +1,36 @@
+"""hf_su: Su Jianlin's 2023 LLM ideas as production code for the Hugging Face stack.
+
+The public API is re-exported here lazily: ``import hf_su`` does not import torch or transformers; the first
+access to a name imports the module that defines it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (relative to this package)
+_LAZY_EXPORTS: dict[str, str] = {
+    "embedded_corpus": ".data",
+}
+
+__all__ = ["__version__", *_LAZY_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY_EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'hf_su' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name, __name__), name)
+    globals()[name] = value  # later accesses skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_EXPORTS))
+
+
+if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
+    from .data import embedded_corpus  # noqa: F401

@@ -1,0 +1,1 @@
+"""Generation helpers (continuation fix for prompts that end inside a token)."""

@@ -1,0 +1,1 @@
+"""Attention and sequence-model patches (ReRoPE, HWFA, DEER)."""

@@ -1,0 +1,1 @@
+"""BytePiece tokenizer adapter, trainer and Viterbi sampling."""

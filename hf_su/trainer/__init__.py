@@ -1,0 +1,1 @@
+"""Losses, optimizers and Trainer integration (EMO, Tiger, self-pretraining)."""
