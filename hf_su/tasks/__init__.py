@@ -1,0 +1,1 @@
+"""Synthetic long-sequence tasks, generated from their definitions (nothing is downloaded)."""
