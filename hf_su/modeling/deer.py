@@ -1,0 +1,449 @@
+"""DEER: evaluate a non-linear RNN in parallel over the sequence length (Lim et al. 2023; Su, kexue.fm 9783).
+
+The whole trajectory ``h_1..h_T`` of ``h_t = f(h_{t-1}, x_t)`` is the root of ``h_t - f(h_{t-1}, x_t) = 0``.
+Linearising ``f`` around the current guess gives a *linear* recurrence
+
+    h_t = J_t h_{t-1} + (f(h'_{t-1}, x_t) - J_t h'_{t-1}),      J_t = df/dh (h'_{t-1}, x_t)
+
+that a parallel associative scan solves in ``O(log T)`` depth (:mod:`hf_su.modeling.scan`). Iterating is Newton's
+method on the whole sequence (``mode="newton"``, full ``H x H`` Jacobians, quadratic convergence near the
+solution, ``O(T H^3)`` scan work). ``mode="quasi"`` keeps only the Jacobians' diagonals (quasi-DEER, Gonzalez et al.
+2024): an elementwise scan, ``O(T H)`` memory, more but cheaper iterations. Both converge to the same fixed point and
+both are exact after at most ``T`` iterations (each iteration fixes at least one more leading step).
+
+Gradients use implicit differentiation at the solution: the adjoint recurrence
+``lambda_t = g_t + J_{t+1}^T lambda_{t+1}`` is solved by the same scan (backwards in time), then ``lambda`` is
+back-propagated through one parallel call of the cell, which delivers the gradients for the inputs, ``h0`` and
+every tensor the cell uses. Nothing is back-propagated through the iterations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from .scan import linear_recurrence
+
+__all__ = ["DEERConvergenceError", "DEERInfo", "ParallelGRU", "deer_rnn", "gru_cell"]
+
+Cell = Callable[[Tensor, Tensor], Tensor]
+
+MODES = ("newton", "quasi")
+
+# Scaled residual max |h_t - f(h_{t-1}, x_t)| / (1 + |h_t|) accepted as converged. A few hundred ulps: reachable in
+# spite of the rounding of long scans, and tight enough that the trajectory matches a sequential loop (float32
+# <= 1e-4, float64 <= 1e-8 for contractive cells).
+DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+
+# Iterates are kept finite between Newton steps (as the reference does for RNNs): a step that overflows still
+# leaves its exact prefix intact, so the "one more exact step per iteration" guarantee survives. The answer itself
+# is only ever accepted on its residual.
+_CLAMP = 1e8
+
+# Elements per chunk of the batched Jacobian probes (H probes x rows x H outputs), to bound memory.
+_PROBE_BUDGET = 1 << 23
+
+
+class DEERInfo(NamedTuple):
+    """Convergence report of :func:`deer_rnn`."""
+
+    iterations: int
+    """Newton (or quasi-Newton) steps taken, i.e. parallel linear solves; 0 when the initial guess already fits."""
+    residual: float
+    """Final scaled residual ``max |h_t - cell(h_{t-1}, x_t)| / (1 + |h_t|)`` of the returned trajectory."""
+
+
+class DEERConvergenceError(RuntimeError):
+    """Raised when DEER (forward, or the adjoint solve of the backward pass) misses its tolerance in ``max_iters``."""
+
+    def __init__(self, message: str, iterations: int, residual: float) -> None:
+        super().__init__(message)
+        self.iterations = iterations
+        self.residual = residual
+
+
+def _transition(cell: Cell, h_prev: Tensor, x: Tensor, diagonal: bool) -> Tensor:
+    """Per-row Jacobians ``d cell / d h_prev``: ``[N, H, H]``, or their diagonals ``[N, H]``.
+
+    Forward-mode probes, one per state coordinate, batched with ``vmap`` over the probe direction only: the cell
+    always sees real ``[rows, H]`` batches, the probe-independent part of the cell (e.g. input projections) is
+    computed once, and rows are chunked to bound memory. The diagonal needs the same ``H`` probes as the full
+    Jacobian: a single JVP with a ones tangent would give row *sums* ``J 1``, which equal the diagonal only for
+    cells whose Jacobian is already diagonal, and is a poor (possibly divergent) approximation for dense cells such as
+    a GRU. Quasi mode saves the ``O(H^3)`` matrix scan and the ``O(T H^2)`` Jacobian memory, not the probes.
+    """
+    n_rows, H = h_prev.shape
+    eye = torch.eye(H, dtype=h_prev.dtype, device=h_prev.device)
+    chunk = max(1, _PROBE_BUDGET // (H * H))
+    parts = []
+    for start in range(0, n_rows, chunk):
+        h_c, x_c = h_prev[start : start + chunk], x[start : start + chunk]
+
+        def probe(v: Tensor, h_c: Tensor = h_c, x_c: Tensor = x_c) -> Tensor:
+            return torch.func.jvp(lambda h: cell(h, x_c), (h_c,), (v.expand_as(h_c),))[1]
+
+        columns = torch.func.vmap(probe)(eye)  # [H in, rows, H out]
+        parts.append(columns.diagonal(dim1=0, dim2=2) if diagonal else columns.permute(1, 2, 0))
+    return torch.cat(parts)
+
+
+def _evaluate(cell: Cell, h_prev: Tensor, x: Tensor) -> Tensor:
+    out = cell(h_prev, x)
+    if not isinstance(out, Tensor) or out.shape != h_prev.shape or out.dtype != h_prev.dtype:
+        got = f"shape {tuple(out.shape)}, dtype {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"cell(h_prev, x_t) must return a tensor like h_prev (shape {tuple(h_prev.shape)}, dtype {h_prev.dtype}); "
+            f"got {got}"
+        )
+    return out
+
+
+def _shift(h: Tensor, h0: Tensor) -> Tensor:
+    """``h_{t-1}`` for every ``t``: ``[h0, h_1, ..., h_{T-1}]``."""
+    return torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)
+
+
+def _scaled_residual(residual: Tensor, scale: Tensor) -> float:
+    value = (residual.abs() / (1 + scale.abs())).max()
+    return math.inf if not torch.isfinite(value) else float(value)
+
+
+@dataclass
+class _Problem:
+    """One RNN evaluation, flattened to ``N = B*T`` independent rows for the parallel cell calls."""
+
+    cell: Cell
+    x: Tensor  # [N, I]
+    shape: tuple[int, int, int]  # B, T, H
+    diagonal: bool
+    tol: float
+    max_iters: int
+
+    def rows(self, h: Tensor) -> Tensor:
+        return h.reshape(-1, self.shape[2])
+
+    def steps(self, h: Tensor) -> Tensor:
+        return h.reshape(self.shape)
+
+    def transitions(self, h_prev: Tensor) -> Tensor:
+        """Jacobians (or diagonals) at ``h_prev``, shaped ``[B, T, H(, H)]``."""
+        J = _transition(self.cell, self.rows(h_prev), self.x, self.diagonal)
+        return J.reshape(*self.shape, *J.shape[2:])
+
+    def solve(self, h0: Tensor) -> tuple[Tensor, DEERInfo]:
+        B, T, H = self.shape
+        h = h0.unsqueeze(1).expand(B, T, H).contiguous()  # initial guess, as in the reference
+        residual = math.inf
+        for iteration in range(self.max_iters + 1):
+            h_prev = _shift(h, h0)
+            f_val = self.steps(_evaluate(self.cell, self.rows(h_prev), self.x))
+            residual = _scaled_residual(f_val - h, h)
+            if residual <= self.tol:
+                return h, DEERInfo(iteration, residual)
+            if iteration == self.max_iters:
+                break
+            J = self.transitions(h_prev)
+            offset = f_val - (J * h_prev if self.diagonal else torch.matmul(J, h_prev.unsqueeze(-1)).squeeze(-1))
+            h = linear_recurrence(J, offset, h0)
+            h = torch.nan_to_num(h, nan=0.0, posinf=_CLAMP, neginf=-_CLAMP).clamp_(-_CLAMP, _CLAMP)
+        raise DEERConvergenceError(
+            f"DEER did not converge in max_iters={self.max_iters} iterations (mode="
+            f"{'quasi' if self.diagonal else 'newton'}): scaled residual {residual:.3g} > tol {self.tol:.3g}. "
+            "Raise max_iters (at most T iterations are ever needed), try mode='newton', or loosen tol.",
+            self.max_iters,
+            residual,
+        )
+
+    def solve_adjoint(self, h_prev: Tensor, grad: Tensor) -> Tensor:
+        """``lambda`` with ``lambda_t = g_t + J_{t+1}^T lambda_{t+1}`` (``lambda_T = g_T``), Jacobians at ``h_prev``.
+
+        Exact transposed Jacobian products come from one reusable VJP of the parallel cell call; the scan is
+        preconditioned with the mode's transitions (exact for Newton: one solve, one check; diagonal for quasi:
+        iterated like the forward pass).
+        """
+        _, vjp = torch.func.vjp(lambda h: self.cell(h, self.x), self.rows(h_prev))
+        M = self.transitions(h_prev)
+        # lambda_t couples to step t+1: shift the transitions one step earlier; the last one meets a zero end state.
+        A = torch.roll(M if self.diagonal else M.transpose(-1, -2), shifts=-1, dims=1)
+        lam = linear_recurrence(A, grad, reverse=True)
+        residual = math.inf
+        for iteration in range(1, self.max_iters + 1):
+            JT_lam = self.steps(vjp(self.rows(lam))[0])
+            residual_t = grad - lam
+            residual_t[:, :-1] += JT_lam[:, 1:]
+            err, scale = residual_t.abs().max(), lam.abs().max()
+            residual = math.inf if not torch.isfinite(err) else float(err / scale.clamp_min(1e-30))
+            if err <= self.tol * scale:
+                return lam
+            if iteration < self.max_iters:
+                lam = lam + linear_recurrence(A, residual_t, reverse=True)
+        raise DEERConvergenceError(
+            f"DEER backward: the adjoint solve did not converge in max_iters={self.max_iters} iterations "
+            f"(relative residual {residual:.3g} > tol {self.tol:.3g}). Raise max_iters or try mode='newton'.",
+            self.max_iters,
+            residual,
+        )
+
+
+class _ImplicitAdjoint(torch.autograd.Function):
+    """Identity on the solution ``h``; backward turns ``dL/dh`` into the adjoint ``lambda`` for ``z = cell(...)``."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, h: Tensor, problem: _Problem, h_prev: Tensor) -> Tensor:
+        ctx.problem, ctx.h_prev = problem, h_prev
+        return h.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        return ctx.problem.solve_adjoint(ctx.h_prev, grad.contiguous()), None, None, None
+
+
+def _check_args(inputs: Tensor, h0: Tensor, mode: str, max_iters: int, tol: float | None) -> float:
+    if not isinstance(inputs, Tensor) or inputs.dim() != 3:
+        shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
+        raise ValueError(f"inputs must be a [B, T, I] tensor, got {shape}")
+    if not inputs.is_floating_point():
+        raise TypeError(f"inputs must be floating point, got {inputs.dtype}")
+    if inputs.shape[1] == 0:
+        raise ValueError("inputs has an empty time dimension (T = 0)")
+    if not isinstance(h0, Tensor) or h0.dim() != 2 or h0.shape[0] != inputs.shape[0]:
+        shape = tuple(h0.shape) if isinstance(h0, Tensor) else type(h0).__name__
+        raise ValueError(f"h0 must be a [B, H] tensor with B = {inputs.shape[0]} (from inputs), got {shape}")
+    if h0.dtype != inputs.dtype or h0.device != inputs.device:
+        raise TypeError(
+            f"h0 ({h0.dtype}, {h0.device}) and inputs ({inputs.dtype}, {inputs.device}) must share dtype and device"
+        )
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
+        raise ValueError(f"max_iters must be a positive int, got {max_iters!r}")
+    if tol is None:
+        if inputs.dtype not in DEFAULT_TOL:
+            raise TypeError(f"no default tolerance for {inputs.dtype}; pass tol=")
+        return DEFAULT_TOL[inputs.dtype]
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol!r}")
+    return float(tol)
+
+
+def deer_rnn(
+    cell: Cell,
+    inputs: Tensor,
+    h0: Tensor,
+    *,
+    mode: str = "newton",
+    max_iters: int = 100,
+    tol: float | None = None,
+    return_info: bool = False,
+) -> Tensor | tuple[Tensor, DEERInfo]:
+    """Run ``h_t = cell(h_{t-1}, x_t)`` over a whole sequence in parallel (DEER / quasi-DEER).
+
+    Example::
+
+        cell = lambda h, x: torch.tanh(x @ W_x.T + h @ W_h.T)
+        hs = deer_rnn(cell, inputs, h0)                      # == the sequential loop, [B, T, H]
+        hs, info = deer_rnn(cell, inputs, h0, mode="quasi", return_info=True)
+
+    Args:
+        cell: ``cell(h_prev [N, H], x_t [N, I]) -> h_t [N, H]``, any differentiable, deterministic torch function
+            (an ``nn.Module`` or a closure) that treats batch rows independently: DEER calls it on all ``N = B*T``
+            (step, sequence) rows at once and under ``torch.func.vmap``/``jvp`` for Jacobians (no in-place updates
+            of captured state, no dropout, no batch statistics).
+        inputs: ``[B, T, I]``. Precomputing input projections outside the cell makes every iteration cheaper.
+        h0: initial state ``[B, H]`` (it fixes the state size ``H``).
+        mode: ``"newton"`` (full Jacobians, quadratic convergence, ``O(T H^2)`` memory and ``O(T H^3)`` work per
+            iteration) or ``"quasi"`` (Jacobian diagonals: elementwise scan, ``O(T H)`` memory, more iterations).
+        max_iters: the most linearise-and-scan steps. ``T`` steps always suffice in exact arithmetic.
+        tol: accepted scaled residual ``max |h_t - cell(h_{t-1}, x_t)| / (1 + |h_t|)``; default per dtype
+            (:data:`DEFAULT_TOL`: 1e-10 float64, 1e-5 float32). The backward adjoint solve uses the same ``tol``
+            relative to the adjoint's size.
+
+    Returns:
+        ``hs [B, T, H]`` (``hs[:, t]`` is the state after step ``t``), and a :class:`DEERInfo` (iterations, final
+        residual) when ``return_info``.
+
+    Raises:
+        DEERConvergenceError: the tolerance was not met within ``max_iters`` (forward, or adjoint in backward);
+            a non-converged trajectory is never returned.
+        ValueError, TypeError: on malformed shapes, dtypes, a cell output unlike ``h_prev``, or bad options.
+
+    Gradients flow to ``inputs``, ``h0`` and every tensor ``cell`` reads that requires grad (module parameters
+    and closure captures alike: they are found by autograd through one extra parallel call of ``cell`` at the
+    solution, so no parameter list is needed). They are exact up to ``tol`` (implicit differentiation); double
+    backward is not supported.
+    """
+    tol = _check_args(inputs, h0, mode, max_iters, tol)
+    B, T, _ = inputs.shape
+    H = h0.shape[1]
+    x_rows = inputs.detach().reshape(B * T, -1)
+    problem = _Problem(cell, x_rows, (B, T, H), mode == "quasi", tol, max_iters)
+    with torch.no_grad():
+        h, info = problem.solve(h0.detach())
+    if torch.is_grad_enabled():
+        # One parallel cell call at the solution, h_prev detached except h0: autograd then owns the local
+        # derivatives (inputs, h0, parameters) and the custom function supplies the recurrence's adjoint.
+        h_prev = _shift(h, h0.detach())
+        z = cell(_shift(h, h0).reshape(B * T, H), inputs.reshape(B * T, -1))
+        if z.requires_grad:
+            h = _ImplicitAdjoint.apply(z.reshape(B, T, H), h, problem, h_prev)
+    return (h, info) if return_info else h
+
+
+def gru_cell(h: Tensor, gates_x: Tensor, weight_hh: Tensor, bias_hh: Tensor | None) -> Tensor:
+    """One GRU step in ``torch.nn.GRU``'s convention, with the input projection ``x W_ih^T + b_ih`` precomputed.
+
+    ``r = sigmoid(gx_r + gh_r)``, ``z = sigmoid(gx_z + gh_z)``, ``n = tanh(gx_n + r * gh_n)``,
+    ``h' = (1 - z) * n + z * h`` with ``gh = h W_hh^T + b_hh`` and gate order ``(r, z, n)``.
+    """
+    gates_h = F.linear(h, weight_hh, bias_hh)
+    x_r, x_z, x_n = gates_x.chunk(3, dim=-1)
+    h_r, h_z, h_n = gates_h.chunk(3, dim=-1)
+    r = torch.sigmoid(x_r + h_r)
+    z = torch.sigmoid(x_z + h_z)
+    n = torch.tanh(x_n + r * h_n)
+    return n + z * (h - n)
+
+
+class ParallelGRU(nn.Module):
+    """A batch-first ``torch.nn.GRU`` evaluated with DEER: same parameters, state-dict keys, inputs and outputs.
+
+    ``ParallelGRU.from_gru(gru)`` (or ``load_state_dict(gru.state_dict())``) reproduces ``gru`` within the DEER
+    tolerance. Supports ``num_layers >= 1`` (layers are evaluated one after the other, each in parallel over time),
+    ``bias``, inter-layer ``dropout``, ``batch_first`` either way, unbatched inputs and an optional ``h0``.
+    Bidirectional GRUs are not supported.
+
+    Args:
+        input_size, hidden_size, num_layers, bias, batch_first, dropout: as ``torch.nn.GRU`` (``batch_first``
+            defaults to ``True`` here).
+        mode, max_iters, tol: passed to :func:`deer_rnn`.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = True,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        *,
+        mode: str = "quasi",
+        max_iters: int = 100,
+        tol: float | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if bidirectional:
+            raise ValueError("ParallelGRU does not support bidirectional=True")
+        if num_layers < 1 or hidden_size < 1 or input_size < 1:
+            raise ValueError("input_size, hidden_size and num_layers must be positive")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, dropout
+        self.mode, self.max_iters, self.tol = mode, max_iters, tol
+        factory = {"device": device, "dtype": dtype}
+        for layer in range(num_layers):
+            layer_in = input_size if layer == 0 else hidden_size
+            self.register_parameter(f"weight_ih_l{layer}", nn.Parameter(torch.empty(3 * hidden_size, layer_in, **factory)))
+            self.register_parameter(
+                f"weight_hh_l{layer}", nn.Parameter(torch.empty(3 * hidden_size, hidden_size, **factory))
+            )
+            if bias:
+                self.register_parameter(f"bias_ih_l{layer}", nn.Parameter(torch.empty(3 * hidden_size, **factory)))
+                self.register_parameter(f"bias_hh_l{layer}", nn.Parameter(torch.empty(3 * hidden_size, **factory)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``torch.nn.GRU``'s initialisation: every weight uniform in ``±1/sqrt(hidden_size)``."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    @classmethod
+    def from_gru(cls, gru: nn.GRU, **deer_kwargs) -> ParallelGRU:
+        """A ``ParallelGRU`` with ``gru``'s configuration and a copy of its weights."""
+        if not isinstance(gru, nn.GRU):
+            raise TypeError(f"expected torch.nn.GRU, got {type(gru).__name__}")
+        weight = gru.weight_ih_l0
+        module = cls(
+            gru.input_size,
+            gru.hidden_size,
+            gru.num_layers,
+            gru.bias,
+            gru.batch_first,
+            gru.dropout,
+            gru.bidirectional,
+            device=weight.device,
+            dtype=weight.dtype,
+            **deer_kwargs,
+        )
+        module.load_state_dict(gru.state_dict())
+        return module
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, bias={self.bias}, "
+            f"batch_first={self.batch_first}, dropout={self.dropout}, mode={self.mode!r}"
+        )
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Same contract as ``torch.nn.GRU.forward``.
+
+        Args:
+            input: ``[B, T, input_size]`` (``[T, B, input_size]`` if not ``batch_first``) or unbatched
+                ``[T, input_size]``.
+            hx: initial states ``[num_layers, B, hidden_size]`` (``[num_layers, hidden_size]`` unbatched); zeros if
+                ``None``.
+
+        Returns:
+            ``(output, h_n)``: the last layer's states for every step, shaped like ``input`` with ``hidden_size``
+            features, and every layer's final state ``[num_layers, B, hidden_size]``.
+        """
+        if input.dim() not in (2, 3) or input.shape[-1] != self.input_size:
+            raise ValueError(
+                f"input must be [B, T, {self.input_size}] (or unbatched [T, {self.input_size}]), got {tuple(input.shape)}"
+            )
+        unbatched = input.dim() == 2
+        x = input.unsqueeze(0) if unbatched else (input if self.batch_first else input.transpose(0, 1))
+        B = x.shape[0]
+        state_shape = (self.num_layers, self.hidden_size) if unbatched else (self.num_layers, B, self.hidden_size)
+        if hx is None:
+            hx = x.new_zeros(self.num_layers, B, self.hidden_size)
+        elif hx.shape != state_shape:
+            raise ValueError(f"hx must have shape {state_shape}, got {tuple(hx.shape)}")
+        elif unbatched:
+            hx = hx.unsqueeze(1)
+        finals = []
+        for layer in range(self.num_layers):
+            if layer > 0 and self.dropout > 0 and self.training:
+                x = F.dropout(x, self.dropout, training=True)
+            weight_hh = getattr(self, f"weight_hh_l{layer}")
+            bias_hh = getattr(self, f"bias_hh_l{layer}") if self.bias else None
+            bias_ih = getattr(self, f"bias_ih_l{layer}") if self.bias else None
+            gates_x = F.linear(x, getattr(self, f"weight_ih_l{layer}"), bias_ih)
+            x = deer_rnn(
+                lambda h, gx, w=weight_hh, b=bias_hh: gru_cell(h, gx, w, b),
+                gates_x,
+                hx[layer],
+                mode=self.mode,
+                max_iters=self.max_iters,
+                tol=self.tol,
+            )
+            finals.append(x[:, -1])
+        h_n = torch.stack(finals)
+        if unbatched:
+            return x.squeeze(0), h_n.squeeze(1)
+        return (x if self.batch_first else x.transpose(0, 1)), h_n
