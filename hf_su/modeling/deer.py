@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -31,9 +32,10 @@ from torch.autograd.function import once_differentiable
 
 from .scan import linear_recurrence
 
-__all__ = ["DEERConvergenceError", "DEERInfo", "ParallelGRU", "deer_rnn", "gru_cell"]
+__all__ = ["DEERConvergenceError", "DEERInfo", "ParallelGRU", "deer_rnn", "gru_cell", "gru_cell_and_diagonal"]
 
 Cell = Callable[[Tensor, Tensor], Tensor]
+CellAndDiagonal = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 MODES = ("newton", "quasi")
 
@@ -94,15 +96,18 @@ def _transition(cell: Cell, h_prev: Tensor, x: Tensor, diagonal: bool) -> Tensor
     return torch.cat(parts)
 
 
-def _evaluate(cell: Cell, h_prev: Tensor, x: Tensor) -> Tensor:
+def _evaluate(cell: Cell, h_prev: Tensor, x: Tensor, name: str = "cell(h_prev, x_t)") -> Tensor:
     out = cell(h_prev, x)
+    _check_like(out, h_prev, name)
+    return out
+
+
+def _check_like(out: object, h_prev: Tensor, name: str) -> None:
     if not isinstance(out, Tensor) or out.shape != h_prev.shape or out.dtype != h_prev.dtype:
         got = f"shape {tuple(out.shape)}, dtype {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(
-            f"cell(h_prev, x_t) must return a tensor like h_prev (shape {tuple(h_prev.shape)}, dtype {h_prev.dtype}); "
-            f"got {got}"
+            f"{name} must return a tensor like h_prev (shape {tuple(h_prev.shape)}, dtype {h_prev.dtype}); got {got}"
         )
-    return out
 
 
 def _shift(h: Tensor, h0: Tensor) -> Tensor:
@@ -110,9 +115,10 @@ def _shift(h: Tensor, h0: Tensor) -> Tensor:
     return torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)
 
 
-def _scaled_residual(residual: Tensor, scale: Tensor) -> float:
-    value = (residual.abs() / (1 + scale.abs())).max()
-    return math.inf if not torch.isfinite(value) else float(value)
+def _scaled_residual(f_val: Tensor, h: Tensor) -> float:
+    """``max |f_val - h| / (1 + max |h|)``, ``inf`` when anything is not finite."""
+    value = float((f_val - h).abs_().amax() / (1 + h.abs().amax()))
+    return value if math.isfinite(value) else math.inf
 
 
 @dataclass
@@ -120,6 +126,7 @@ class _Problem:
     """One RNN evaluation, flattened to ``N = B*T`` independent rows for the parallel cell calls."""
 
     cell: Cell
+    cell_and_diagonal: CellAndDiagonal | None
     x: Tensor  # [N, I]
     shape: tuple[int, int, int]  # B, T, H
     diagonal: bool
@@ -132,8 +139,22 @@ class _Problem:
     def steps(self, h: Tensor) -> Tensor:
         return h.reshape(self.shape)
 
+    def value(self, h_prev: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``cell`` at every step, ``[B, T, H]``, with the diagonal transitions when a fused function gives them."""
+        rows = self.rows(h_prev)
+        if self.cell_and_diagonal is None:
+            return self.steps(_evaluate(self.cell, rows, self.x)), None
+        out = self.cell_and_diagonal(rows, self.x)
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise ValueError("cell_and_diagonal must return a pair (cell(h_prev, x_t), diagonal of d cell / d h_prev)")
+        _check_like(out[0], rows, "cell_and_diagonal(h_prev, x_t)[0]")
+        _check_like(out[1], rows, "cell_and_diagonal(h_prev, x_t)[1]")
+        return self.steps(out[0]), self.steps(out[1])
+
     def transitions(self, h_prev: Tensor) -> Tensor:
-        """Jacobians (or diagonals) at ``h_prev``, shaped ``[B, T, H(, H)]``."""
+        """Jacobians (or their diagonals) at ``h_prev``, ``[B, T, H(, H)]``."""
+        if self.cell_and_diagonal is not None:
+            return self.value(h_prev)[1]
         J = _transition(self.cell, self.rows(h_prev), self.x, self.diagonal)
         return J.reshape(*self.shape, *J.shape[2:])
 
@@ -143,16 +164,19 @@ class _Problem:
         residual = math.inf
         for iteration in range(self.max_iters + 1):
             h_prev = _shift(h, h0)
-            f_val = self.steps(_evaluate(self.cell, self.rows(h_prev), self.x))
-            residual = _scaled_residual(f_val - h, h)
+            f_val, J = self.value(h_prev)
+            residual = _scaled_residual(f_val, h)
             if residual <= self.tol:
+                if self.cell_and_diagonal is not None:
+                    self._check_fused_value(h_prev, f_val)
                 return h, DEERInfo(iteration, residual)
             if iteration == self.max_iters:
                 break
-            J = self.transitions(h_prev)
-            offset = f_val - (J * h_prev if self.diagonal else torch.matmul(J, h_prev.unsqueeze(-1)).squeeze(-1))
-            h = linear_recurrence(J, offset, h0)
-            h = torch.nan_to_num(h, nan=0.0, posinf=_CLAMP, neginf=-_CLAMP).clamp_(-_CLAMP, _CLAMP)
+            if J is None:
+                J = self.transitions(h_prev)
+            Jh = J * h_prev if self.diagonal else torch.matmul(J, h_prev.unsqueeze(-1)).squeeze(-1)
+            h = linear_recurrence(J, f_val - Jh, h0)
+            torch.nan_to_num_(h, nan=0.0, posinf=_CLAMP, neginf=-_CLAMP)
         raise DEERConvergenceError(
             f"DEER did not converge in max_iters={self.max_iters} iterations (mode="
             f"{'quasi' if self.diagonal else 'newton'}): scaled residual {residual:.3g} > tol {self.tol:.3g}. "
@@ -161,11 +185,17 @@ class _Problem:
             residual,
         )
 
+    def _check_fused_value(self, h_prev: Tensor, fused: Tensor) -> None:
+        # The fused function only speeds things up; the answer must be the cell's own fixed point.
+        reference = self.steps(_evaluate(self.cell, self.rows(h_prev), self.x))
+        if _scaled_residual(fused, reference) > self.tol:
+            raise ValueError("cell_and_diagonal(h_prev, x_t)[0] disagrees with cell(h_prev, x_t)")
+
     def solve_adjoint(self, h_prev: Tensor, grad: Tensor) -> Tensor:
         """``lambda`` with ``lambda_t = g_t + J_{t+1}^T lambda_{t+1}`` (``lambda_T = g_T``), Jacobians at ``h_prev``.
 
-        Exact transposed Jacobian products come from one reusable VJP of the parallel cell call; the scan is
-        preconditioned with the mode's transitions (exact for Newton: one solve, one check; diagonal for quasi:
+        Exact transposed-Jacobian products come from one reusable VJP of the parallel cell call; the scan is
+        preconditioned with the mode's transitions (exact for Newton: one solve, one check; diagonals for quasi:
         iterated like the forward pass).
         """
         _, vjp = torch.func.vjp(lambda h: self.cell(h, self.x), self.rows(h_prev))
@@ -178,8 +208,8 @@ class _Problem:
             JT_lam = self.steps(vjp(self.rows(lam))[0])
             residual_t = grad - lam
             residual_t[:, :-1] += JT_lam[:, 1:]
-            err, scale = residual_t.abs().max(), lam.abs().max()
-            residual = math.inf if not torch.isfinite(err) else float(err / scale.clamp_min(1e-30))
+            err, scale = residual_t.abs().amax(), lam.abs().amax()
+            residual = float(err / scale) if scale > 0 else float(err)
             if err <= self.tol * scale:
                 return lam
             if iteration < self.max_iters:
@@ -243,6 +273,7 @@ def deer_rnn(
     max_iters: int = 100,
     tol: float | None = None,
     return_info: bool = False,
+    cell_and_diagonal: CellAndDiagonal | None = None,
 ) -> Tensor | tuple[Tensor, DEERInfo]:
     """Run ``h_t = cell(h_{t-1}, x_t)`` over a whole sequence in parallel (DEER / quasi-DEER).
 
@@ -262,9 +293,15 @@ def deer_rnn(
         mode: ``"newton"`` (full Jacobians, quadratic convergence, ``O(T H^2)`` memory and ``O(T H^3)`` work per
             iteration) or ``"quasi"`` (Jacobian diagonals: elementwise scan, ``O(T H)`` memory, more iterations).
         max_iters: the most linearise-and-scan steps. ``T`` steps always suffice in exact arithmetic.
-        tol: accepted scaled residual ``max |h_t - cell(h_{t-1}, x_t)| / (1 + |h_t|)``; default per dtype
+        tol: accepted scaled residual ``max_t |h_t - cell(h_{t-1}, x_t)| / (1 + max_t |h_t|)``; default per dtype
             (:data:`DEFAULT_TOL`: 1e-10 float64, 1e-5 float32). The backward adjoint solve uses the same ``tol``
             relative to the adjoint's size.
+        return_info: also return a :class:`DEERInfo`.
+        cell_and_diagonal: ``mode="quasi"`` only: an optional fused ``(h_prev, x_t) -> (cell(h_prev, x_t),
+            diag(d cell / d h_prev))``, e.g. :func:`gru_cell_and_diagonal`. Without it the diagonal costs ``H``
+            forward-mode probes of the cell (see :func:`_transition`); with it, about one cell call. The diagonal
+            only steers the iteration: the returned trajectory is checked against ``cell`` itself and gradients
+            use ``cell``'s exact VJP, so an inexact diagonal can only cost iterations, never accuracy.
 
     Returns:
         ``hs [B, T, H]`` (``hs[:, t]`` is the state after step ``t``), and a :class:`DEERInfo` (iterations, final
@@ -281,10 +318,12 @@ def deer_rnn(
     backward is not supported.
     """
     tol = _check_args(inputs, h0, mode, max_iters, tol)
+    if cell_and_diagonal is not None and mode != "quasi":
+        raise ValueError("cell_and_diagonal only applies to mode='quasi' (Newton needs full Jacobians)")
     B, T, _ = inputs.shape
     H = h0.shape[1]
     x_rows = inputs.detach().reshape(B * T, -1)
-    problem = _Problem(cell, x_rows, (B, T, H), mode == "quasi", tol, max_iters)
+    problem = _Problem(cell, cell_and_diagonal, x_rows, (B, T, H), mode == "quasi", tol, max_iters)
     with torch.no_grad():
         h, info = problem.solve(h0.detach())
     if torch.is_grad_enabled():
@@ -297,19 +336,41 @@ def deer_rnn(
     return (h, info) if return_info else h
 
 
+def _gru_gates(h: Tensor, gates_x: Tensor, weight_hh: Tensor, bias_hh: Tensor | None):
+    H = h.shape[-1]
+    gates_h = F.linear(h, weight_hh, bias_hh)
+    rz = torch.sigmoid(gates_x[..., : 2 * H] + gates_h[..., : 2 * H])
+    r, z = rz[..., :H], rz[..., H:]
+    h_n = gates_h[..., 2 * H :]
+    n = torch.tanh(gates_x[..., 2 * H :] + r * h_n)
+    return r, z, n, h_n
+
+
 def gru_cell(h: Tensor, gates_x: Tensor, weight_hh: Tensor, bias_hh: Tensor | None) -> Tensor:
     """One GRU step in ``torch.nn.GRU``'s convention, with the input projection ``x W_ih^T + b_ih`` precomputed.
 
     ``r = sigmoid(gx_r + gh_r)``, ``z = sigmoid(gx_z + gh_z)``, ``n = tanh(gx_n + r * gh_n)``,
     ``h' = (1 - z) * n + z * h`` with ``gh = h W_hh^T + b_hh`` and gate order ``(r, z, n)``.
     """
-    gates_h = F.linear(h, weight_hh, bias_hh)
-    x_r, x_z, x_n = gates_x.chunk(3, dim=-1)
-    h_r, h_z, h_n = gates_h.chunk(3, dim=-1)
-    r = torch.sigmoid(x_r + h_r)
-    z = torch.sigmoid(x_z + h_z)
-    n = torch.tanh(x_n + r * h_n)
+    _, z, n, _ = _gru_gates(h, gates_x, weight_hh, bias_hh)
     return n + z * (h - n)
+
+
+def gru_cell_and_diagonal(
+    h: Tensor, gates_x: Tensor, weight_hh: Tensor, bias_hh: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """:func:`gru_cell` and the diagonal of its Jacobian ``d h' / d h`` in one pass (for quasi-DEER).
+
+    With ``w_r, w_z, w_n`` the diagonals of the three ``H x H`` blocks of ``weight_hh``:
+    ``dh'_i/dh_i = z_i + (h_i - n_i) z_i (1 - z_i) w_z,i + (1 - z_i)(1 - n_i^2) r_i ((1 - r_i) gh_n,i w_r,i + w_n,i)``.
+    """
+    r, z, n, h_n = _gru_gates(h, gates_x, weight_hh, bias_hh)
+    H = h.shape[-1]
+    w_r, w_z, w_n = (weight_hh[k * H : (k + 1) * H].diagonal() for k in range(3))
+    h_minus_n = h - n
+    dn = (1 - n * n) * r * torch.addcmul(w_n, (1 - r) * h_n, w_r)
+    diag = z + (1 - z) * dn + h_minus_n * z * (1 - z) * w_z
+    return n + z * h_minus_n, diag
 
 
 class ParallelGRU(nn.Module):
@@ -357,7 +418,9 @@ class ParallelGRU(nn.Module):
         factory = {"device": device, "dtype": dtype}
         for layer in range(num_layers):
             layer_in = input_size if layer == 0 else hidden_size
-            self.register_parameter(f"weight_ih_l{layer}", nn.Parameter(torch.empty(3 * hidden_size, layer_in, **factory)))
+            self.register_parameter(
+                f"weight_ih_l{layer}", nn.Parameter(torch.empty(3 * hidden_size, layer_in, **factory))
+            )
             self.register_parameter(
                 f"weight_hh_l{layer}", nn.Parameter(torch.empty(3 * hidden_size, hidden_size, **factory))
             )
@@ -434,13 +497,15 @@ class ParallelGRU(nn.Module):
             bias_hh = getattr(self, f"bias_hh_l{layer}") if self.bias else None
             bias_ih = getattr(self, f"bias_ih_l{layer}") if self.bias else None
             gates_x = F.linear(x, getattr(self, f"weight_ih_l{layer}"), bias_ih)
+            fused = partial(gru_cell_and_diagonal, weight_hh=weight_hh, bias_hh=bias_hh)
             x = deer_rnn(
-                lambda h, gx, w=weight_hh, b=bias_hh: gru_cell(h, gx, w, b),
+                partial(gru_cell, weight_hh=weight_hh, bias_hh=bias_hh),
                 gates_x,
                 hx[layer],
                 mode=self.mode,
                 max_iters=self.max_iters,
                 tol=self.tol,
+                cell_and_diagonal=fused if self.mode == "quasi" else None,
             )
             finals.append(x[:, -1])
         h_n = torch.stack(finals)
