@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .scan import linear_recurrence
+from .scan import fold_initial_state_, linear_recurrence
 
 __all__ = ["DEERConvergenceError", "DEERInfo", "ParallelGRU", "deer_rnn", "gru_cell", "gru_cell_and_diagonal"]
 
@@ -117,7 +117,8 @@ def _shift(h: Tensor, h0: Tensor) -> Tensor:
 
 def _scaled_residual(f_val: Tensor, h: Tensor) -> float:
     """``max |f_val - h| / (1 + max |h|)``, ``inf`` when anything is not finite."""
-    value = float((f_val - h).abs_().amax() / (1 + h.abs().amax()))
+    scale = torch.maximum(h.amax(), h.amin().neg())
+    value = float((f_val - h).abs_().amax() / (1 + scale))
     return value if math.isfinite(value) else math.inf
 
 
@@ -175,7 +176,7 @@ class _Problem:
             if J is None:
                 J = self.transitions(h_prev)
             Jh = J * h_prev if self.diagonal else torch.matmul(J, h_prev.unsqueeze(-1)).squeeze(-1)
-            h = linear_recurrence(J, f_val - Jh, h0)
+            h = linear_recurrence(J, fold_initial_state_(J, torch.sub(f_val, Jh), h0))
             torch.nan_to_num_(h, nan=0.0, posinf=_CLAMP, neginf=-_CLAMP)
         raise DEERConvergenceError(
             f"DEER did not converge in max_iters={self.max_iters} iterations (mode="
@@ -342,7 +343,7 @@ def _gru_gates(h: Tensor, gates_x: Tensor, weight_hh: Tensor, bias_hh: Tensor | 
     rz = torch.sigmoid(gates_x[..., : 2 * H] + gates_h[..., : 2 * H])
     r, z = rz[..., :H], rz[..., H:]
     h_n = gates_h[..., 2 * H :]
-    n = torch.tanh(gates_x[..., 2 * H :] + r * h_n)
+    n = torch.tanh(torch.addcmul(gates_x[..., 2 * H :], r, h_n))
     return r, z, n, h_n
 
 
@@ -353,24 +354,31 @@ def gru_cell(h: Tensor, gates_x: Tensor, weight_hh: Tensor, bias_hh: Tensor | No
     ``h' = (1 - z) * n + z * h`` with ``gh = h W_hh^T + b_hh`` and gate order ``(r, z, n)``.
     """
     _, z, n, _ = _gru_gates(h, gates_x, weight_hh, bias_hh)
-    return n + z * (h - n)
+    return torch.addcmul(n, h - n, z)
 
 
 def gru_cell_and_diagonal(
     h: Tensor, gates_x: Tensor, weight_hh: Tensor, bias_hh: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """:func:`gru_cell` and the diagonal of its Jacobian ``d h' / d h`` in one pass (for quasi-DEER).
+    """:func:`gru_cell` and the diagonal of its Jacobian ``d h' / d h`` in one pass (for quasi-DEER; no autograd).
 
-    With ``w_r, w_z, w_n`` the diagonals of the three ``H x H`` blocks of ``weight_hh``:
-    ``dh'_i/dh_i = z_i + (h_i - n_i) z_i (1 - z_i) w_z,i + (1 - z_i)(1 - n_i^2) r_i ((1 - r_i) gh_n,i w_r,i + w_n,i)``.
+    With ``w_r, w_z, w_n`` the diagonals of the three ``H x H`` blocks of ``weight_hh`` and ``gh_n = (h W_hh^T +
+    b_hh)_n``: ``dh'_i/dh_i = z_i + (1 - z_i) [(1 - n_i^2) r_i (w_n,i + (1 - r_i) gh_n,i w_r,i) + (h_i - n_i) z_i
+    w_z,i]``. Intermediates are updated in place: on large ``[B*T, H]`` batches allocation, not arithmetic,
+    dominates the cost of elementwise ops on CPU.
     """
-    r, z, n, h_n = _gru_gates(h, gates_x, weight_hh, bias_hh)
     H = h.shape[-1]
     w_r, w_z, w_n = (weight_hh[k * H : (k + 1) * H].diagonal() for k in range(3))
+    gates = F.linear(h, weight_hh, bias_hh)
+    h_n = gates[..., 2 * H :]
+    rz = gates[..., : 2 * H].add_(gates_x[..., : 2 * H]).sigmoid_()
+    r, z = rz[..., :H], rz[..., H:]
+    n = torch.addcmul(gates_x[..., 2 * H :], r, h_n).tanh_()
     h_minus_n = h - n
-    dn = (1 - n * n) * r * torch.addcmul(w_n, (1 - r) * h_n, w_r)
-    diag = z + (1 - z) * dn + h_minus_n * z * (1 - z) * w_z
-    return n + z * h_minus_n, diag
+    out = torch.addcmul(n, h_minus_n, z)
+    dn = torch.rsub(r, 1).mul_(h_n).mul_(w_r).add_(w_n).mul_(r).mul_(n.mul_(n).neg_().add_(1))
+    diag = torch.rsub(z, 1).mul_(h_minus_n.mul_(z).mul_(w_z).add_(dn)).add_(z)
+    return out, diag
 
 
 class ParallelGRU(nn.Module):

@@ -31,24 +31,38 @@ def _compose(A_later: Tensor, A_earlier: Tensor, diagonal: bool) -> Tensor:
     return A_later * A_earlier if diagonal else torch.matmul(A_later, A_earlier)
 
 
-def _prefix_states(A: Tensor, b: Tensor, diagonal: bool) -> Tensor:
-    """Inclusive prefix of the ``b`` half along dim 1, assuming the state before element 0 is zero."""
+def _prefix_states(A: Tensor, b: Tensor, diagonal: bool, out: Tensor) -> None:
+    """Write the inclusive prefix of the ``b`` half along dim 1 into ``out``, the state before element 0 being zero.
+
+    ``out`` may be a strided view: each level writes its odd positions straight into the caller's buffer, so the
+    interleaving costs no copies.
+    """
     T = b.shape[1]
     if T == 1:
-        return b
+        out.copy_(b)
+        return
     pairs = T // 2
     A_left, A_right = A[:, 0 : 2 * pairs : 2], A[:, 1 : 2 * pairs : 2]
     b_left, b_right = b[:, 0 : 2 * pairs : 2], b[:, 1 : 2 * pairs : 2]
-    pair_b = _apply(A_right, b_left, diagonal) + b_right
+    pair_b = _apply(A_right, b_left, diagonal).add_(b_right)
     # The next level only needs transitions when it will itself combine pairs.
     pair_A = _compose(A_right, A_left, diagonal) if pairs > 1 else A_right
-    odd = _prefix_states(pair_A, pair_b, diagonal)  # states at positions 1, 3, 5, ...
-    n_even = (T + 1) // 2  # positions 0, 2, 4, ...
-    even_rest = _apply(A[:, 2::2], odd[:, : n_even - 1], diagonal) + b[:, 2::2]
-    out = torch.empty_like(b)
-    out[:, 0::2] = torch.cat([b[:, :1], even_rest], dim=1)
-    out[:, 1::2] = odd
-    return out
+    odd = out[:, 1::2]  # states at positions 1, 3, 5, ...
+    _prefix_states(pair_A, pair_b, diagonal, odd)
+    out[:, 0] = b[:, 0]
+    n_rest = (T - 1) // 2  # even positions 2, 4, ...
+    if n_rest:
+        if diagonal:
+            torch.addcmul(b[:, 2::2], A[:, 2::2], odd[:, :n_rest], out=out[:, 2::2])
+        else:
+            out[:, 2::2] = _apply(A[:, 2::2], odd[:, :n_rest], diagonal).add_(b[:, 2::2])
+
+
+def fold_initial_state_(A: Tensor, b: Tensor, h0: Tensor) -> Tensor:
+    """``b_1 += A_1 h0`` in place: the recurrence from ``h0`` equals the one from zero with this offset."""
+    diagonal = A.shape == b.shape
+    b[:, 0] += _apply(A[:, 0], h0, diagonal)
+    return b
 
 
 def linear_recurrence(A: Tensor, b: Tensor, h0: Tensor | None = None, *, reverse: bool = False) -> Tensor:
@@ -83,9 +97,9 @@ def linear_recurrence(A: Tensor, b: Tensor, h0: Tensor | None = None, *, reverse
     if b.shape[1] == 0:
         return b.clone()
     if reverse:
-        A, b = A.flip(1), b.flip(1)
+        A, b = A.flip(1), b.flip(1)  # flip copies, so folding h0 below leaves the caller's b alone
     if h0 is not None:
-        # Fold the initial state into the first offset so the scan starts from zero.
-        b = torch.cat([_apply(A[:, 0], h0, diagonal).unsqueeze(1) + b[:, :1], b[:, 1:]], dim=1)
-    h = _prefix_states(A, b, diagonal)
+        b = fold_initial_state_(A, b if reverse else b.clone(), h0)
+    h = torch.empty_like(b)
+    _prefix_states(A, b, diagonal, h)
     return h.flip(1) if reverse else h
