@@ -170,6 +170,25 @@ def test_gradients_match_backprop_through_loop(kind, mode):
             torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-8, msg=lambda m, n=name, t=T: f"{n} T={t}: {m}")
 
 
+def test_backward_is_one_implicit_adjoint_solve_and_raises_when_it_cannot_converge():
+    """h0 is a fixed point of the cell here: the forward pass needs 0 steps, the adjoint (dense W, quasi) needs more."""
+    H, T = 4, 12
+    w = (0.8 * torch.randn(H, H, dtype=F64) / H**0.5).requires_grad_()
+    h0 = 0.5 * torch.rand(1, H, dtype=F64)
+    inputs = (torch.atanh(h0) - h0 @ w.detach().T).unsqueeze(1).expand(1, T, H)
+
+    def cell(h, x):
+        return torch.tanh(h @ w.T + x)
+
+    hs, info = deer_rnn(cell, inputs, h0, mode="quasi", max_iters=1, return_info=True)
+    assert info.iterations == 0 and type(hs.grad_fn).__name__ == "_ImplicitAdjointBackward"
+    with pytest.raises(DEERConvergenceError, match="backward"):
+        hs.sum().backward()
+    (grad,) = torch.autograd.grad(deer_rnn(cell, inputs, h0, mode="quasi").sum(), [w])
+    (expected,) = torch.autograd.grad(sequential(cell, inputs, h0).sum(), [w])
+    torch.testing.assert_close(grad, expected, rtol=1e-7, atol=1e-9)
+
+
 def test_gradients_only_where_needed_and_no_graph_without_grad():
     cell, params, inputs, h0 = make_case("tanh", F64, 6)
     for p in params:
