@@ -49,6 +49,9 @@ DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2, 
 # is only ever accepted on its residual.
 _CLAMP = 1e8
 
+# Elements (rows x (H + I)) per row block of the cell calls on CPU: about a MiB of operands, to stay in cache.
+_CPU_BLOCK_ELEMENTS = 1 << 18
+
 # Elements per chunk of the batched Jacobian probes (H probes x rows x H outputs), to bound memory.
 _PROBE_BUDGET = 1 << 23
 
@@ -115,13 +118,6 @@ def _shift(h: Tensor, h0: Tensor) -> Tensor:
     return torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)
 
 
-def _scaled_residual(f_val: Tensor, h: Tensor) -> float:
-    """``max |f_val - h| / (1 + max |h|)``, ``inf`` when anything is not finite."""
-    scale = torch.maximum(h.amax(), h.amin().neg())
-    value = float((f_val - h).abs_().amax() / (1 + scale))
-    return value if math.isfinite(value) else math.inf
-
-
 @dataclass
 class _Problem:
     """One RNN evaluation, flattened to ``N = B*T`` independent rows for the parallel cell calls."""
@@ -140,17 +136,42 @@ class _Problem:
     def steps(self, h: Tensor) -> Tensor:
         return h.reshape(self.shape)
 
-    def value(self, h_prev: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``cell`` at every step, ``[B, T, H]``, with the diagonal transitions when a fused function gives them."""
+    def value(self, h_prev: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor | None, float]:
+        """``cell`` at every step ``[B, T, H]``; the diagonal transitions when a fused function gives them; and the
+        scaled residual against ``h`` (``inf`` without ``h``).
+
+        Rows are independent, so on CPU they are processed in cache-sized blocks: the dozen elementwise passes of a
+        cell then run on cache-resident data instead of streaming ``[B*T, H]`` arrays through memory each time.
+        """
         rows = self.rows(h_prev)
-        if self.cell_and_diagonal is None:
-            return self.steps(_evaluate(self.cell, rows, self.x)), None
-        out = self.cell_and_diagonal(rows, self.x)
+        current = None if h is None else self.rows(h)
+        n_rows, H = rows.shape
+        block = max(1, _CPU_BLOCK_ELEMENTS // (H + self.x.shape[1])) if rows.device.type == "cpu" else n_rows
+        f_val = torch.empty_like(rows)
+        J = torch.empty_like(rows) if self.cell_and_diagonal is not None else None
+        err = rows.new_zeros(())
+        for start in range(0, n_rows, block):
+            part = slice(start, start + block)
+            if J is None:
+                f_part = _evaluate(self.cell, rows[part], self.x[part])
+            else:
+                f_part, J[part] = self._fused(rows[part], self.x[part])
+            f_val[part] = f_part
+            if current is not None:
+                err = torch.maximum(err, (f_part - current[part]).abs_().amax())
+        residual = math.inf
+        if current is not None:
+            value = float(err / (1 + torch.maximum(current.amax(), current.amin().neg())))
+            residual = value if math.isfinite(value) else math.inf
+        return self.steps(f_val), (None if J is None else self.steps(J)), residual
+
+    def _fused(self, h_prev: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.cell_and_diagonal(h_prev, x)
         if not isinstance(out, tuple) or len(out) != 2:
             raise ValueError("cell_and_diagonal must return a pair (cell(h_prev, x_t), diagonal of d cell / d h_prev)")
-        _check_like(out[0], rows, "cell_and_diagonal(h_prev, x_t)[0]")
-        _check_like(out[1], rows, "cell_and_diagonal(h_prev, x_t)[1]")
-        return self.steps(out[0]), self.steps(out[1])
+        _check_like(out[0], h_prev, "cell_and_diagonal(h_prev, x_t)[0]")
+        _check_like(out[1], h_prev, "cell_and_diagonal(h_prev, x_t)[1]")
+        return out
 
     def transitions(self, h_prev: Tensor) -> Tensor:
         """Jacobians (or their diagonals) at ``h_prev``, ``[B, T, H(, H)]``."""
@@ -165,8 +186,7 @@ class _Problem:
         residual = math.inf
         for iteration in range(self.max_iters + 1):
             h_prev = _shift(h, h0)
-            f_val, J = self.value(h_prev)
-            residual = _scaled_residual(f_val, h)
+            f_val, J, residual = self.value(h_prev, h)
             if residual <= self.tol:
                 if self.cell_and_diagonal is not None:
                     self._check_fused_value(h_prev, f_val)
@@ -175,8 +195,11 @@ class _Problem:
                 break
             if J is None:
                 J = self.transitions(h_prev)
-            Jh = J * h_prev if self.diagonal else torch.matmul(J, h_prev.unsqueeze(-1)).squeeze(-1)
-            h = linear_recurrence(J, fold_initial_state_(J, torch.sub(f_val, Jh), h0))
+            if self.diagonal:
+                offset = torch.addcmul(f_val, J, h_prev, value=-1)
+            else:
+                offset = f_val - torch.matmul(J, h_prev.unsqueeze(-1)).squeeze(-1)
+            h = linear_recurrence(J, fold_initial_state_(J, offset, h0))
             torch.nan_to_num_(h, nan=0.0, posinf=_CLAMP, neginf=-_CLAMP)
         raise DEERConvergenceError(
             f"DEER did not converge in max_iters={self.max_iters} iterations (mode="
@@ -188,8 +211,7 @@ class _Problem:
 
     def _check_fused_value(self, h_prev: Tensor, fused: Tensor) -> None:
         # The fused function only speeds things up; the answer must be the cell's own fixed point.
-        reference = self.steps(_evaluate(self.cell, self.rows(h_prev), self.x))
-        if _scaled_residual(fused, reference) > self.tol:
+        if _Problem(self.cell, None, self.x, self.shape, self.diagonal, self.tol, 1).value(h_prev, fused)[2] > self.tol:
             raise ValueError("cell_and_diagonal(h_prev, x_t)[0] disagrees with cell(h_prev, x_t)")
 
     def solve_adjoint(self, h_prev: Tensor, grad: Tensor) -> Tensor:
