@@ -308,9 +308,9 @@ def deer_rnn(
 
     Args:
         cell: ``cell(h_prev [N, H], x_t [N, I]) -> h_t [N, H]``, any differentiable, deterministic torch function
-            (an ``nn.Module`` or a closure) that treats batch rows independently: DEER calls it on all ``N = B*T``
-            (step, sequence) rows at once and under ``torch.func.vmap``/``jvp`` for Jacobians (no in-place updates
-            of captured state, no dropout, no batch statistics).
+            (an ``nn.Module`` or a closure) that treats batch rows independently: DEER calls it on many (sequence,
+            step) rows at once (all ``B*T``, or cache-sized blocks of them on CPU) and under ``torch.func.vmap`` /
+            ``jvp`` for Jacobians (no in-place updates of captured state, no dropout, no batch statistics).
         inputs: ``[B, T, I]``. Precomputing input projections outside the cell makes every iteration cheaper.
         h0: initial state ``[B, H]`` (it fixes the state size ``H``).
         mode: ``"newton"`` (full Jacobians, quadratic convergence, ``O(T H^2)`` memory and ``O(T H^3)`` work per
@@ -359,7 +359,10 @@ def deer_rnn(
     return (h, info) if return_info else h
 
 
-def _gru_gates(h: Tensor, gates_x: Tensor, weight_hh: Tensor, bias_hh: Tensor | None):
+def _gru_gates(
+    h: Tensor, gates_x: Tensor, weight_hh: Tensor, bias_hh: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``r, z, n`` and the hidden projection of the new-gate ``gh_n`` of ``torch.nn.GRU``."""
     H = h.shape[-1]
     gates_h = F.linear(h, weight_hh, bias_hh)
     rz = torch.sigmoid(gates_x[..., : 2 * H] + gates_h[..., : 2 * H])
