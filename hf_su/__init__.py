@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it (relative to this package)
 _LAZY_EXPORTS: dict[str, str] = {
     "embedded_corpus": ".data",
+    "deer_rnn": ".modeling.deer",
 }
 
 __all__ = ["__version__", *_LAZY_EXPORTS]
@@ -34,3 +35,4 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
     from .data import embedded_corpus  # noqa: F401
+    from .modeling.deer import deer_rnn  # noqa: F401
