@@ -206,18 +206,20 @@ class Tiger(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`, keeping the momentum in float32 for half-precision parameters.
 
-        ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to its parameter's dtype, which
-        would round a bf16 model's float32 momentum to bf16; it is restored at full precision afterwards.
+        ``torch.optim.Optimizer.load_state_dict`` casts every state tensor to its parameter's dtype, which would
+        round a bf16 model's float32 momentum to bf16 and turn the boolean lazy-row flags into floats; both are
+        restored from the saved tensors afterwards.
         """
-        saved_momentum = {
-            index: state["momentum"] for index, state in state_dict["state"].items() if "momentum" in state
-        }
+        saved_state = dict(state_dict["state"])
         super().load_state_dict(state_dict)
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             for index, param in zip(saved_group["params"], group["params"]):
-                if index in saved_momentum and param.dtype in _LOW_PRECISION:
-                    value = saved_momentum[index].to(device=param.device, dtype=torch.float32, copy=True)
+                state = saved_state.get(index, {})
+                if "momentum" in state and param.dtype in _LOW_PRECISION:
+                    value = state["momentum"].to(device=param.device, dtype=torch.float32, copy=True)
                     self.state[param]["momentum"] = value
+                if "touched" in state:  # the base class casts it to the parameter's dtype too
+                    self.state[param]["touched"] = state["touched"].to(device=param.device, dtype=torch.bool)
 
     # ------------------------------------------------------------------ stepping
 
@@ -366,13 +368,7 @@ def _gather_statistics(plans: list[_TensorPlan], *, end: bool, foreach: bool) ->
     grad_max = torch._foreach_norm(grads, math.inf) if foreach else [g.abs().amax() for g in grads]
     bad = (~torch.isfinite(torch.stack(grad_max).to(torch.float64))).to(torch.float64)
     rms_plans = [i for i, pl in enumerate(plans) if end and pl.scale == "rms"]
-    params = [plans[i].param for i in rms_plans]
-    if not params:
-        norms = []
-    elif foreach:
-        norms = torch._foreach_norm(params)
-    else:
-        norms = [torch.linalg.vector_norm(p) for p in params]
+    norms = _norms([plans[i].param for i in rms_plans], foreach=foreach)
     squares = torch.stack(norms).to(torch.float64).square() if norms else bad.new_zeros(0)
     row_squares = {
         i: pl.param.to(torch.float64).square().sum(-1) for i, pl in enumerate(plans) if end and pl.scale == "row_rms"
@@ -416,6 +412,20 @@ def _gather_statistics(plans: list[_TensorPlan], *, end: bool, foreach: bool) ->
         pl = plans[i]
         rms = (sq / pl.param_ref.shape[-1]).sqrt().clamp_min(pl.min_rms)
         pl.row_eta = (pl.lr * rms).to(pl.momentum.dtype).unsqueeze(-1)
+
+
+def _norms(tensors: list[torch.Tensor], *, foreach: bool) -> list[torch.Tensor]:
+    """L2 norms accumulated at least in float32 (a bf16 norm would round the RMS that scales the step)."""
+    if not foreach:
+        return [torch.linalg.vector_norm(t, dtype=_state_dtype(t)) for t in tensors]
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(_state_dtype(t), []).append(i)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+    for dtype, members in by_dtype.items():
+        for i, norm in zip(members, torch._foreach_norm([tensors[i] for i in members], 2, dtype=dtype)):
+            out[i] = norm
+    return out
 
 
 def _by_device_and_dtype(plans: list[_TensorPlan]) -> list[list[_TensorPlan]]:
