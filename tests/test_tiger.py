@@ -14,6 +14,16 @@ from torch import nn
 from hf_su.testing import tiny_causal_lm
 from hf_su.trainer.tiger import Tiger, tiger_param_groups
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models here are tiny: one thread avoids oversubscription stalls on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------- independent float64 reference
 
 
@@ -127,8 +137,12 @@ def test_shape_defaults_without_groups_follow_su():
     w = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
     b = nn.Parameter(torch.randn(3, dtype=torch.float64))
     gw, gb = torch.randn(4, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
-    ew = reference_tiger(w.detach(), [gw], rule=dict(scale="rms", weight_decay=0.05, center=0, lazy=False), lr=0.1, beta=0.9, k=1)
-    eb = reference_tiger(b.detach(), [gb], rule=dict(scale=0.5, weight_decay=0.0, center=0, lazy=False), lr=0.1, beta=0.9, k=1)
+    ew = reference_tiger(
+        w.detach(), [gw], rule=dict(scale="rms", weight_decay=0.05, center=0, lazy=False), lr=0.1, beta=0.9, k=1
+    )
+    eb = reference_tiger(
+        b.detach(), [gb], rule=dict(scale=0.5, weight_decay=0.0, center=0, lazy=False), lr=0.1, beta=0.9, k=1
+    )
     opt = Tiger([w, b], lr=0.1, beta=0.9, weight_decay=0.05)
     w.grad, b.grad = gw, gb
     opt.step()
@@ -273,14 +287,14 @@ def test_embedding_anomaly_reproduced_and_fixed_by_lazy_rows():
     base = _tiny_lm()
     rare, unseen = torch.arange(40, 48), torch.arange(48, 64)
     first = torch.cat([rare.view(2, 4), torch.randint(3, 40, (2, 4))], dim=1)
-    batches = [first] + _batches(150, seed=5)
+    batches = [first] + _batches(60, seed=5)
 
     final = {}
     for lazy in (False, True):
         model = copy.deepcopy(base)
         groups = tiger_param_groups(model, weight_decay=wd, lazy_embeddings=lazy)
         for group in groups:  # a big embedding lr shows the drift in a few cheap steps; the rest trains gently
-            group["lr"] = 0.1 if group["lr_scale"] == "row_rms" else 1e-3
+            group["lr"] = 0.3 if group["lr_scale"] == "row_rms" else 1e-3
         opt = Tiger(groups, lr=1e-3)
         _train(model, opt, batches[:1])
         after_first = model.model.embed_tokens.weight.detach().clone()
@@ -288,7 +302,7 @@ def test_embedding_anomaly_reproduced_and_fixed_by_lazy_rows():
         final[lazy] = (after_first, model.model.embed_tokens.weight.detach().clone())
 
     _, eager = final[False]
-    assert torch.allclose(eager[rare].abs(), torch.full_like(eager[rare], 1 / wd), rtol=0.05)
+    assert torch.allclose(eager[rare].abs(), torch.full_like(eager[rare], 1 / wd), rtol=1e-3)
     assert eager[unseen].abs().max() < base.model.embed_tokens.weight[unseen].abs().max()  # decayed: changed
     after_first, lazy_final = final[True]
     assert torch.equal(lazy_final[rare], after_first[rare])
