@@ -215,9 +215,11 @@ def test_foreach_equals_per_tensor_and_step_in_backward(k):
     assert not torch.equal(results[0]["model.norm.weight"], base.model.norm.weight)
 
 
-def test_step_in_backward_refuses_nothing_and_hooks_can_be_removed():
+def test_removed_hooks_and_copies_step_in_the_ordinary_way():
     model = _tiny_lm()
-    opt = Tiger(model.parameters(), step_in_backward=True)
+    opt = Tiger(model.parameters(), grad_accum_steps=2, step_in_backward=True)
+    clone = copy.deepcopy(opt)
+    assert not clone.step_in_backward and clone.param_groups[0]["grad_accum_steps"] == 2
     opt.remove_hooks()
     ids = _batches(1)[0]
     model(input_ids=ids, labels=ids).loss.backward()
@@ -370,6 +372,10 @@ def test_bad_input_is_refused_clearly():
         Tiger([{"params": [w], "lazy": 1}])
     with pytest.raises(TypeError, match="complex"):
         Tiger([nn.Parameter(torch.randn(2, dtype=torch.complex64))])
+    opt = Tiger([w])
+    with pytest.raises(ValueError, match="shrink_ratio"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(2))], "shrink_ratio": 0.0})
+    assert len(opt.param_groups) == 1  # a refused group leaves nothing behind
     with pytest.raises(TypeError, match="nn.Module"):
         tiger_param_groups([w])
     emb = nn.Embedding(5, 3, sparse=True)

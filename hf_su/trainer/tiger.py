@@ -10,12 +10,15 @@ Su's version (``bojone/tiger``) adds four things that the bare PyTorch ports lac
 * **per-kind learning rate**: ``eta = lr * scale`` with ``scale`` = RMS of the whole tensor for matrices
   (``lr_scale="rms"``), the RMS of each row for embeddings (``"row_rms"``) and a constant 0.5 for biases and norm
   gains (no weight decay for them). RMS is measured on the parameter before the update and floored at
-  ``min_rms`` (default ``1e-3``) so a zero-initialised matrix (LoRA ``B``, zero-init output projections) still moves;
-  freshly initialised or pretrained Transformer matrices have an RMS of about 4e-3 to 5e-2, so the floor does not
-  bind for them.
+  ``min_rms`` (default ``1e-3``) so a zero-initialised matrix (LoRA ``B``, zero-init output projections) still moves,
+  by ``lr * min_rms`` per entry and step until its RMS passes the floor. Common initialisations (std 0.02, or
+  0.02/sqrt(2 * layers) >= 2e-3 for GPT-2-style residual projections) and pretrained weights sit above the floor, so
+  it does not change Su's rule for them; raise ``min_rms`` in a LoRA group to grow ``B`` faster.
 * **skip-and-shrink on NaN/Inf**: a tensor whose gradient is not finite keeps its momentum and is shrunk toward its
   centre instead, ``theta <- (theta - center) * shrink_ratio + center`` (centre 1 for norm gains, else 0). Su's
   code tests for NaN only; Inf is treated the same here because it would otherwise poison the momentum forever.
+  The test is whether the gradient's L2 norm is finite, so a gradient whose norm overflows float32 (~1.8e19)
+  counts as non-finite too.
 * **buffer-free gradient accumulation**: with ``grad_accum_steps=k`` call :meth:`Tiger.step` after every
   micro-batch. The momentum is multiplied by ``beta`` at the first micro-step of each cycle, every micro-batch adds
   ``(1 - beta) / k * g``, and parameters move only at the cycle's last micro-step, so after ``k`` micro-steps the
@@ -99,10 +102,30 @@ def _all_reduce_sum(tensors: list[torch.Tensor], groups: tuple[Any, ...]) -> lis
     return out
 
 
-def _check_lr_scale(value: Any) -> None:
-    ok_number = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-    if value is not None and value not in _LR_SCALE_KINDS and not ok_number:
-        raise ValueError(f"lr_scale must be None, 'rms', 'row_rms' or a positive number, got {value!r}")
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_hyperparameters(group: dict[str, Any]) -> None:
+    """Raise a ValueError/TypeError naming the first invalid Tiger hyperparameter of a parameter group."""
+    for key in ("lr", "weight_decay", "min_rms"):
+        if not _is_number(group[key]) or group[key] < 0:
+            raise ValueError(f"{key} must be a finite number >= 0, got {group[key]!r}")
+    if not _is_number(group["beta"]) or not 0.0 <= group["beta"] < 1.0:
+        raise ValueError(f"beta must be in [0, 1), got {group['beta']!r}")
+    if not _is_number(group["shrink_ratio"]) or not 0.0 < group["shrink_ratio"] <= 1.0:
+        raise ValueError(f"shrink_ratio must be in (0, 1], got {group['shrink_ratio']!r}")
+    steps = group["grad_accum_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"grad_accum_steps must be a positive integer, got {steps!r}")
+    scale = group["lr_scale"]
+    if scale is not None and scale not in _LR_SCALE_KINDS and not (_is_number(scale) and scale > 0):
+        raise ValueError(f"lr_scale must be None, 'rms', 'row_rms' or a positive number, got {scale!r}")
+    if not _is_number(group["center"]):
+        raise TypeError(f"center must be a finite number, got {group['center']!r}")
+    for key in ("lazy", "foreach"):
+        if not isinstance(group[key], bool):
+            raise TypeError(f"{key} must be a bool, got {group[key]!r}")
 
 
 class Tiger(Optimizer):
@@ -124,7 +147,9 @@ class Tiger(Optimizer):
         step_in_backward: Run the update inside ``backward()`` from per-parameter post-accumulate-grad hooks and
             free each gradient immediately; :meth:`step` then only advances the micro-step counter. Gradients are
             never visible, so gradient clipping is not possible in this mode; every ``backward()`` is one
-            micro-step (use ``grad_accum_steps`` instead of the Trainer's ``gradient_accumulation_steps``).
+            micro-step (use ``grad_accum_steps`` instead of the Trainer's ``gradient_accumulation_steps``). For a
+            single process: under DDP the hooks would see gradients before their all-reduce, and FSDP2 parameters
+            are refused.
         foreach: Use the multi-tensor ``torch._foreach_*`` implementation (``None`` = yes). ``False`` runs one
             tensor at a time; both give the same numbers.
 
@@ -150,12 +175,6 @@ class Tiger(Optimizer):
         step_in_backward: bool = False,
         foreach: bool | None = None,
     ) -> None:
-        if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be a positive integer, got {grad_accum_steps!r}")
-        if foreach not in (None, True, False):
-            raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
-        self.grad_accum_steps = grad_accum_steps
-        self.foreach = True if foreach is None else foreach
         self.step_in_backward = bool(step_in_backward)
         self._hook_handles: list[Any] = []
         defaults = dict(
@@ -163,37 +182,34 @@ class Tiger(Optimizer):
             beta=beta,
             weight_decay=weight_decay,
             shrink_ratio=shrink_ratio,
+            grad_accum_steps=grad_accum_steps,
             min_rms=min_rms,
             lr_scale=None,
             lazy=False,
             center=0.0,
+            foreach=True if foreach is None else foreach,
         )
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a copy or unpickled optimizer has no hooks: it steps in the ordinary way
+        super().__setstate__(state)
+        self.__dict__.setdefault("step_in_backward", False)
+        self.__dict__.setdefault("_hook_handles", [])
 
     # ------------------------------------------------------------------ groups, state, (de)serialisation
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (validated); it joins the optimizer's current micro-step of the accumulation cycle."""
+        _check_hyperparameters({**self.defaults, **param_group})
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for key, low, high in (("lr", 0.0, math.inf), ("weight_decay", 0.0, math.inf), ("min_rms", 0.0, math.inf)):
-            if not isinstance(group[key], (int, float)) or not low <= group[key] < high:
-                raise ValueError(f"{key} must be a finite number >= {low}, got {group[key]!r}")
-        if not isinstance(group["beta"], (int, float)) or not 0.0 <= group["beta"] < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {group['beta']!r}")
-        if not isinstance(group["shrink_ratio"], (int, float)) or not 0.0 < group["shrink_ratio"] <= 1.0:
-            raise ValueError(f"shrink_ratio must be in (0, 1], got {group['shrink_ratio']!r}")
-        if not isinstance(group["center"], (int, float)):
-            raise TypeError(f"center must be a number, got {group['center']!r}")
-        if not isinstance(group["lazy"], bool):
-            raise TypeError(f"lazy must be a bool, got {group['lazy']!r}")
-        _check_lr_scale(group["lr_scale"])
         for p in group["params"]:
-            if p.is_complex():
-                raise TypeError("Tiger does not support complex parameters (sign() of a complex number is undefined)")
-            if not p.is_floating_point():
-                raise TypeError(f"Tiger needs floating-point parameters, got {p.dtype}")
-        group.setdefault("micro_step", self.param_groups[0].get("micro_step", 0) if len(self.param_groups) > 1 else 0)
+            if p.is_complex() or not p.is_floating_point():
+                self.param_groups.pop()
+                raise TypeError(f"Tiger needs real floating-point parameters, got {p.dtype}")
+        first = self.param_groups[0]
+        group.setdefault("micro_step", first.get("micro_step", 0) if first is not group else 0)
         if self.step_in_backward:
             self._register_hooks(group)
 
@@ -243,7 +259,7 @@ class Tiger(Optimizer):
             if not self.step_in_backward:
                 params = [p for p in group["params"] if p.grad is not None]
                 if params:
-                    self._update(group, params, [p.grad for p in params], foreach=self.foreach)
+                    self._update(group, params, [p.grad for p in params], foreach=group["foreach"])
             group["micro_step"] += 1
         return loss
 
@@ -278,7 +294,7 @@ class Tiger(Optimizer):
         self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], *, foreach: bool
     ) -> None:
         """Apply one micro-step of Tiger to ``params`` (all from ``group``) with gradients ``grads``."""
-        k = self.grad_accum_steps
+        k = group["grad_accum_steps"]
         t = group["micro_step"]
         start, end = t % k == 0, (t + 1) % k == 0
         b1, b2 = (group["beta"] if start else 1.0), (1.0 - group["beta"]) / k
@@ -292,7 +308,7 @@ class Tiger(Optimizer):
         _gather_statistics(plans, end=end, foreach=foreach)
         for plan in plans:
             if plan.lazy:
-                plan.row_mask = self._lazy_rows(plan, start, end)
+                plan.row_mask = self._lazy_rows(plan, start, end, accumulating=k > 1)
 
         fast = [pl for pl in plans if foreach and not (pl.bad or pl.lazy or pl.scale == "row_rms")]
         for batch in _by_device_and_dtype(fast):
@@ -302,11 +318,11 @@ class Tiger(Optimizer):
             if id(plan) not in fast_ids:
                 _single_tiger(plan, b1=b1, b2=b2, end=end)
 
-    def _lazy_rows(self, plan: _TensorPlan, start: bool, end: bool) -> torch.Tensor | None:
+    def _lazy_rows(self, plan: _TensorPlan, start: bool, end: bool, *, accumulating: bool) -> torch.Tensor | None:
         """Rows whose parameters may change this micro-step: on a bad gradient the rows that carried it (for the
         shrink); at a cycle's end the rows with a non-zero gradient in any of its micro-steps; otherwise none."""
         touched = plan.touched_now
-        if self.grad_accum_steps > 1:
+        if accumulating:
             state = self.state[plan.param_ref]
             if start or "touched" not in state:
                 state["touched"] = torch.zeros_like(touched)
@@ -372,7 +388,9 @@ def _gather_statistics(plans: list[_TensorPlan], *, end: bool, foreach: bool) ->
     norms = _norms([plans[i].param for i in rms_plans], foreach=foreach)
     squares = torch.stack(norms).to(torch.float64).square() if norms else bad.new_zeros(0)
     row_squares = {
-        i: pl.param.to(torch.float64).square().sum(-1) for i, pl in enumerate(plans) if end and pl.scale == "row_rms"
+        i: torch.linalg.vector_norm(pl.param, dim=-1, dtype=_state_dtype(pl.param)).to(torch.float64).square()
+        for i, pl in enumerate(plans)
+        if end and pl.scale == "row_rms"
     }
     for pl in plans:
         if pl.lazy:
