@@ -45,9 +45,11 @@ def _worker(rank: int, init_file: str) -> None:
         torch.manual_seed(0)
         model = _ToyLM()
         reference = copy.deepcopy(model)
+        per_tensor = copy.deepcopy(model)
         mesh = init_device_mesh("cpu", (WORLD,))
-        fully_shard(model.embed, mesh=mesh, shard_placement_fn=lambda p: Shard(p.ndim - 1))
-        fully_shard(model, mesh=mesh)
+        for sharded in (model, per_tensor):
+            fully_shard(sharded.embed, mesh=mesh, shard_placement_fn=lambda p: Shard(p.ndim - 1))
+            fully_shard(sharded, mesh=mesh)
         assert model.embed.weight.placements == (Shard(1),) and model.proj.weight.placements == (Shard(0),)
 
         try:
@@ -57,29 +59,34 @@ def _worker(rank: int, init_file: str) -> None:
             assert "DTensor" in str(err)
 
         opt = Tiger(tiger_param_groups(model, weight_decay=0.1), lr=0.05, beta=0.9, grad_accum_steps=2)
+        pt_opt = Tiger(
+            tiger_param_groups(per_tensor, weight_decay=0.1), lr=0.05, beta=0.9, grad_accum_steps=2, foreach=False
+        )
         ref_opt = Tiger(tiger_param_groups(reference, weight_decay=0.1), lr=0.05, beta=0.9, grad_accum_steps=2)
         gen = torch.Generator().manual_seed(1)
         for t in range(8):
             ids = torch.randint(0, USED, (2 * WORLD, 5), generator=gen)
             model(ids.chunk(WORLD)[rank]).backward()
+            per_tensor(ids.chunk(WORLD)[rank]).backward()
             reference(ids).backward()
             if t == 5:  # NaN on rank 0's shard only: every rank must skip-and-shrink this tensor
                 if rank == 0:
                     model.proj.weight.grad.to_local()[0, 0] = float("nan")
+                    per_tensor.proj.weight.grad.to_local()[0, 0] = float("nan")
                 reference.proj.weight.grad[0, 0] = float("nan")
-            opt.step()
-            ref_opt.step()
-            opt.zero_grad()
-            ref_opt.zero_grad()
+            for optimizer in (opt, pt_opt, ref_opt):
+                optimizer.step()
+                optimizer.zero_grad()
 
-        for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
+        for (name, p), q, ref in zip(model.named_parameters(), per_tensor.parameters(), reference.parameters()):
             torch.testing.assert_close(p.full_tensor(), ref.detach(), rtol=1e-5, atol=1e-6, msg=name)
-        assert torch.equal(reference.embed.weight[USED:], _ToyLM_initial_embedding()[USED:])
+            assert torch.equal(p.to_local(), q.to_local()), name  # multi-tensor == per-tensor, sharded too
+        assert torch.equal(reference.embed.weight[USED:], _initial_embedding()[USED:])
     finally:
         dist.destroy_process_group()
 
 
-def _ToyLM_initial_embedding() -> torch.Tensor:  # noqa: N802
+def _initial_embedding() -> torch.Tensor:
     torch.manual_seed(0)
     return _ToyLM().embed.weight.detach()
 
