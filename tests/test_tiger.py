@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hf_su.testing import tiny_causal_lm
-from hf_su.trainer.tiger import Tiger, tiger_param_groups
+from hf_su.trainer.tiger import Tiger, _sign_step, tiger_param_groups
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -213,6 +213,22 @@ def test_foreach_equals_per_tensor_and_step_in_backward(k):
         for name, value in results[0].items():
             assert torch.equal(value, other[name]), name
     assert not torch.equal(results[0]["model.norm.weight"], base.model.norm.weight)
+
+
+def test_sign_step_scratch_and_foreach_variants_agree():
+    """The CPU scratch-buffer variant and the _foreach_ variant (used on accelerators) give identical updates."""
+    moms = [torch.randn(5, 3), torch.zeros(4), torch.randn(2, 2, 2)]
+    moms[2][0] = 0.0
+    start = [torch.randn_like(m) for m in moms]
+    etas = [0.1, 0.2, 0.3]
+    results = []
+    for reuse_scratch in (True, False):
+        params = [p.clone() for p in start]
+        _sign_step(params, moms, etas, reuse_scratch=reuse_scratch)
+        results.append(params)
+    for a, b, p, m, eta in zip(*results, start, moms, etas):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, p - eta * m.sign(), rtol=0, atol=0)
 
 
 def test_removed_hooks_and_copies_step_in_the_ordinary_way():

@@ -473,18 +473,25 @@ def _foreach_tiger(plans: list[_TensorPlan], *, b1: float, b2: float, end: bool)
     decays = [1.0 - pl.eta * pl.weight_decay for pl in plans]
     if any(d != 1.0 for d in decays):
         torch._foreach_mul_(work, decays)
-    if work[0].device.type == "cpu":
-        # _foreach_sign would materialise a sign tensor for every parameter at once; on CPU faulting in those fresh
-        # pages costs more than the arithmetic, so one scratch buffer is reused tensor by tensor instead.
-        scratch = torch.empty(max(m.numel() for m in moms), dtype=moms[0].dtype)
-        for w, m, pl in zip(work, moms, plans):
-            w.add_(torch.sign(m, out=scratch[: m.numel()].view(m.shape)), alpha=-pl.eta)
-    else:
-        steps = torch._foreach_sign(moms)
-        torch._foreach_mul_(steps, [-pl.eta for pl in plans])
-        torch._foreach_add_(work, steps)
+    _sign_step(work, moms, [pl.eta for pl in plans], reuse_scratch=work[0].device.type == "cpu")
     if work is not params:
         torch._foreach_copy_(params, work)
+
+
+def _sign_step(params: list[torch.Tensor], moms: list[torch.Tensor], etas: list[float], *, reuse_scratch: bool) -> None:
+    """``params[i] -= etas[i] * sign(moms[i])`` for all i.
+
+    ``_foreach_sign`` materialises a sign tensor for every parameter at once; on CPU faulting in those fresh pages
+    costs more than the arithmetic, so there (``reuse_scratch``) one scratch buffer is reused tensor by tensor.
+    """
+    if reuse_scratch:
+        scratch = torch.empty(max(m.numel() for m in moms), dtype=moms[0].dtype, device=moms[0].device)
+        for p, m, eta in zip(params, moms, etas):
+            p.add_(torch.sign(m, out=scratch[: m.numel()].view(m.shape)), alpha=-eta)
+    else:
+        steps = torch._foreach_sign(moms)
+        torch._foreach_mul_(steps, [-eta for eta in etas])
+        torch._foreach_add_(params, steps)
 
 
 def _single_tiger(plan: _TensorPlan, *, b1: float, b2: float, end: bool) -> None:
