@@ -549,7 +549,7 @@ def tiger_param_groups(
 ) -> list[dict[str, Any]]:
     """Parameter groups that apply Su's per-kind Tiger rules, classified by module type and shape.
 
-    * ``nn.Embedding`` weights (a tied output matrix included): per-row RMS learning rate, weight decay, and lazy
+    * ``nn.Embedding``/``nn.EmbeddingBag`` weights (a tied output matrix included): per-row RMS learning rate, weight decay, and lazy
       rows (``lazy_embeddings``) so that rows of tokens absent from a batch do not drift to ``±1/weight_decay``.
     * Scalars and vectors (biases, norm gains, other element-wise parameters): learning rate ``0.5 * lr``, no weight
       decay; norm gains (``weight`` of a module whose class name contains "Norm") shrink toward their neutral value
@@ -575,7 +575,7 @@ def tiger_param_groups(
     embeddings: dict[int, nn.Parameter] = {}
     gains: dict[int, nn.Parameter] = {}
     for module in model.modules():
-        if isinstance(module, nn.Embedding) and module.weight.requires_grad:
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.weight.requires_grad:
             embeddings[id(module.weight)] = module.weight
         elif _is_norm_module(module):
             for name, param in module.named_parameters(recurse=False):
