@@ -18,18 +18,22 @@ Su's version (``bojone/tiger``) adds four things that the bare PyTorch ports lac
   centre instead, ``theta <- (theta - center) * shrink_ratio + center`` (centre 1 for norm gains, else 0). Su's
   code tests for NaN only; Inf is treated the same here because it would otherwise poison the momentum forever.
   The test is whether the gradient's L2 norm is finite, so a gradient whose norm overflows float32 (~1.8e19)
-  counts as non-finite too.
+  counts as non-finite too. As in Su's code the shrink happens at the micro-step that saw the bad gradient, even
+  inside an accumulation cycle, and that micro-step adds nothing to the momentum.
 * **buffer-free gradient accumulation**: with ``grad_accum_steps=k`` call :meth:`Tiger.step` after every
   micro-batch. The momentum is multiplied by ``beta`` at the first micro-step of each cycle, every micro-batch adds
   ``(1 - beta) / k * g``, and parameters move only at the cycle's last micro-step, so after ``k`` micro-steps the
-  momentum equals ``beta * m + (1 - beta) * mean(g)`` without any gradient-accumulation buffer. With
+  momentum equals ``beta * m + (1 - beta) * mean(g)`` without any gradient-accumulation buffer. A parameter
+  without a gradient at some micro-step is skipped for that micro-step (as Su's Keras code skips it). With
   ``step_in_backward=True`` this runs inside ``backward()``: each parameter's gradient is folded into its momentum
   by a post-accumulate-grad hook and freed at once, so a training step holds parameters plus one state buffer and
   never a full set of gradients.
 * **lazy embedding rows** (the fix from "Lion/Tiger优化器训练下的Embedding异常和对策"): with ``lazy=True`` a row
   (slice along the last dimension) whose gradient is exactly zero over the whole accumulation cycle is not changed
-  at all: no sign step and no weight decay. Without it, rows of tokens that never occur keep stepping by
-  ``sign(m)`` after their momentum has decayed toward zero and drift to the fixed point ``±1/weight_decay``.
+  at all: no sign step and no weight decay. Without it, the row of a token seen once and then no more keeps
+  stepping by ``eta * sign(m)`` while its momentum decays toward zero (the sign does not change until the momentum
+  underflows), and drifts to the fixed point ``±1/weight_decay``; rows of tokens never seen are pulled toward 0 by
+  the weight decay.
   The momentum of such a row still decays (it is updated as if the row's gradient were zero), as in Su's
   LazyOptimizer: when the token reappears its first update is then driven by the fresh gradient instead of a stale
   direction frozen since the token was last seen, and the decay cannot move the parameter because only the
