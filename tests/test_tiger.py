@@ -245,12 +245,13 @@ def test_removed_hooks_and_copies_step_in_the_ordinary_way():
 # ----------------------------------------------------------------------------- precision and state
 
 
-def test_bf16_params_keep_fp32_momentum_and_round_trip():
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "per_tensor"])
+def test_bf16_params_keep_fp32_momentum_and_round_trip(foreach):
     torch.manual_seed(0)
     w = nn.Parameter(torch.randn(16, 8).to(torch.bfloat16))
     w_ref = w.detach().float().clone()
     grads = [torch.randn(16, 8) for _ in range(3)]
-    opt = Tiger([w], lr=0.05, beta=0.9, weight_decay=0.1)
+    opt = Tiger([w], lr=0.05, beta=0.9, weight_decay=0.1, foreach=foreach)
     m_ref = torch.zeros(16, 8)
     for g in grads:
         w.grad = g.to(torch.bfloat16)
