@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 _LAZY_EXPORTS: dict[str, str] = {
     "embedded_corpus": ".data",
     "deer_rnn": ".modeling.deer",
+    "Tiger": ".trainer.tiger",
+    "tiger_param_groups": ".trainer.tiger",
 }
 
 __all__ = ["__version__", *_LAZY_EXPORTS]
@@ -36,3 +38,4 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
     from .data import embedded_corpus  # noqa: F401
     from .modeling.deer import deer_rnn  # noqa: F401
+    from .trainer.tiger import Tiger, tiger_param_groups  # noqa: F401
