@@ -131,12 +131,7 @@ class TokenBytes:
 
 
 def _build_token_bytes(tokenizer: PreTrainedTokenizerBase) -> TokenBytes:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise TypeError(
-            f"token healing needs a fast tokenizer (PreTrainedTokenizerFast with a `tokenizers` backend); got "
-            f"{type(tokenizer).__name__}"
-        )
+    backend = tokenizer.backend_tokenizer
     decoders = _flatten_decoders(json.loads(backend.decoder.__getstate__()) if backend.decoder is not None else None)
     types = {d.get("type") for d in decoders}
     if "ByteLevel" in types:
@@ -190,6 +185,11 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase) -> TokenBytes:
         TypeError: ``tokenizer`` has no ``tokenizers`` backend.
         ValueError: the vocabulary has no byte or text view this module understands (e.g. WordPiece).
     """
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise TypeError(
+            f"token healing needs a fast tokenizer (PreTrainedTokenizerFast with a `tokenizers` backend); got "
+            f"{type(tokenizer).__name__}"
+        )
     cached = _TABLES.get(tokenizer)
     if cached is None or cached[0] != len(tokenizer):
         cached = (len(tokenizer), _build_token_bytes(tokenizer))
