@@ -274,7 +274,8 @@ class HealingLogitsProcessor(LogitsProcessor):
 
     Row ``i`` of the batch (after ``generate`` expands prompts ``num_return_sequences`` or ``num_beams`` times) belongs
     to prompt ``i // expansion``. Its constrained steps last until the generated tokens have covered
-    ``removed_bytes[prompt]``; the state is recomputed from ``input_ids`` at each step, so beam reordering is fine.
+    ``removed_bytes[prompt]``. The state is recomputed from ``input_ids`` at every call (no hidden state), so beam
+    reordering and assisted decoding's candidate checks see the right constraint.
     Masked scores are ``-inf``, so softmax renormalises over the consistent tokens: greedy and sampling follow the
     model's distribution restricted to them (Su's rule at every constrained step).
 
@@ -302,7 +303,6 @@ class HealingLogitsProcessor(LogitsProcessor):
         self.healings = [_Healing(self.table, b) if b else None for b in removed_bytes]
         # each constrained token consumes at least one byte
         self.max_steps = max(len(b) for b in removed_bytes)
-        self._finished_at: int | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = input_ids.shape[1] - self.prompt_length
@@ -310,9 +310,7 @@ class HealingLogitsProcessor(LogitsProcessor):
             raise ValueError(
                 f"input_ids has {input_ids.shape[1]} positions, fewer than prompt_length={self.prompt_length}"
             )
-        if step == 0:
-            self._finished_at = None
-        if step >= self.max_steps or self._finished_at is not None:
+        if step >= self.max_steps:
             return scores
         rows, prompts = scores.shape[0], len(self.healings)
         if rows % prompts:
@@ -330,14 +328,16 @@ class HealingLogitsProcessor(LogitsProcessor):
             row_index.append(torch.full_like(allowed, row))
             token_index.append(allowed)
         if not healing_rows:
-            # all rows are past their constraint and stay past it (beams only continue rows from this step)
-            self._finished_at = step
             return scores
-        keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-        keep[healing_rows] = False
-        keep[torch.cat(row_index), torch.cat(token_index)] = True
-        masked = scores.masked_fill(~keep, float("-inf"))
-        dead = torch.isneginf(masked[healing_rows]).all(dim=1)
+        # -inf everywhere in the healing rows, then copy back the allowed entries: O(V) per row, no dense mask
+        rows_t = torch.tensor(healing_rows, device=scores.device)
+        row_index, token_index = torch.cat(row_index), torch.cat(token_index)
+        allowed_scores = scores[row_index, token_index]
+        masked = scores.index_fill(0, rows_t, float("-inf"))
+        masked[row_index, token_index] = allowed_scores
+        alive = torch.zeros(rows, dtype=torch.long, device=scores.device)
+        alive.index_add_(0, row_index, (allowed_scores > float("-inf")).long())
+        dead = alive[rows_t] == 0
         if bool(dead.any()):
             row = healing_rows[int(dead.nonzero()[0])]
             raise ValueError(
