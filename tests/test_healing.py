@@ -7,6 +7,8 @@ sentences) to always see "首都" as one token and "首" only before "尔".
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -186,6 +188,22 @@ def test_byte_table_round_trips_encodings(family, zh, sentencepiece, byte_level_
         assert all(table.pieces[i] is None for i in tok.all_special_ids)
 
 
+def test_bytepiece_adapter_table():
+    """hf_su's own BytePieceTokenizerFast (DESIGN recipe, another module) gets the model file's bytes for each id."""
+    bytepiece = pytest.importorskip("hf_su.tokenization.bytepiece")
+    _, expected = bytepiece_recipe_tokenizer(ZH_PIECES)
+    units = expected[3:]
+    model_file = {
+        base64.b64encode(u).decode(): [3 + i, u.decode(errors="ignore"), 1000 if len(u) > 1 else 1]
+        for i, u in enumerate(units)
+    }
+    tok = bytepiece.BytePieceTokenizerFast.from_bytepiece(model_file)
+    table = token_bytes(tok)
+    assert table.family == "byte_level" and table.pieces[3:] == units
+    assert all(table.pieces[i] is None for i in tok.all_special_ids)
+    assert back_off(table, tok("北京首都机")["input_ids"], 2) == 2
+
+
 def test_added_tokens_and_rebuild():
     tok, _ = sentencepiece_style_tokenizer()
     before = token_bytes(tok)
@@ -325,6 +343,11 @@ def test_sampling_beams_and_id_prompts(zh):
     from_ids = generate_healed(model, tok, enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=4)
     from_text = generate_healed(model, tok, prompts, max_new_tokens=4)
     assert torch.equal(from_ids, from_text)
+    # assisted decoding checks candidate tokens through the processor at several lengths per call
+    prompt = "北京是中国的首都。东京是日本的首都。北京是中国的首"
+    greedy = generate_healed(model, tok, prompt, max_new_tokens=6)
+    assert torch.equal(generate_healed(model, tok, prompt, max_new_tokens=6, prompt_lookup_num_tokens=3), greedy)
+    assert _decode(tok, greedy[0]).startswith(prompt + "都")
 
 
 def test_no_backoff_is_plain_generate(zh):
