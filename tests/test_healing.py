@@ -412,7 +412,7 @@ def test_clear_errors(zh, sentencepiece):
     processor = HealingLogitsProcessor(tok, [removed], prompt_length=len(trimmed))
     scores = torch.full((1, len(tok)), float("-inf"))
     scores[0, tok.convert_tokens_to_ids(tok.tokenize("是")[0])] = 0.0  # only an inconsistent token left
-    with pytest.raises(ValueError, match="already set to -inf"):
+    with pytest.raises(ValueError, match="no token consistent"):
         processor(torch.tensor([trimmed]), scores)
     with pytest.raises(ValueError, match="fewer than prompt_length"):
         processor(torch.tensor([trimmed[:-1]]), scores)

@@ -288,7 +288,8 @@ class HealingLogitsProcessor(LogitsProcessor):
         prompt_length: length of the (padded) prompt ``input_ids`` handed to ``generate``.
 
     Raises:
-        ValueError: from ``__call__``, if another processor already set every consistent token of a row to ``-inf``.
+        ValueError: from ``__call__``, if no consistent token of a row is left (an earlier processor set them all
+            to ``-inf``).
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, removed_bytes: Sequence[bytes], prompt_length: int):
@@ -324,6 +325,8 @@ class HealingLogitsProcessor(LogitsProcessor):
             if offset is None:
                 continue
             allowed = healing.allowed(offset, scores.device)
+            if len(self.table) > scores.shape[-1]:  # a tokenizer larger than the model's output layer
+                allowed = allowed[allowed < scores.shape[-1]]
             healing_rows.append(row)
             row_index.append(torch.full_like(allowed, row))
             token_index.append(allowed)
@@ -341,8 +344,9 @@ class HealingLogitsProcessor(LogitsProcessor):
         if bool(dead.any()):
             row = healing_rows[int(dead.nonzero()[0])]
             raise ValueError(
-                f"row {row}: every token consistent with the backed-off prompt text was already set to -inf by an "
-                "earlier logits processor (bad_words_ids, suppress_tokens, ...), so healing cannot continue"
+                f"row {row}: no token consistent with the backed-off prompt text is left: all were set to -inf by "
+                "an earlier logits processor (bad_words_ids, suppress_tokens, ...) or lie outside the model's "
+                "vocabulary, so healing cannot continue"
             )
         return masked
 
