@@ -17,6 +17,8 @@ _LAZY_EXPORTS: dict[str, str] = {
     "deer_rnn": ".modeling.deer",
     "Tiger": ".trainer.tiger",
     "tiger_param_groups": ".trainer.tiger",
+    "generate_healed": ".generation.healing",
+    "HealingLogitsProcessor": ".generation.healing",
 }
 
 __all__ = ["__version__", *_LAZY_EXPORTS]
@@ -37,5 +39,6 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
     from .data import embedded_corpus  # noqa: F401
+    from .generation.healing import HealingLogitsProcessor, generate_healed  # noqa: F401
     from .modeling.deer import deer_rnn  # noqa: F401
     from .trainer.tiger import Tiger, tiger_param_groups  # noqa: F401
