@@ -143,7 +143,7 @@ def _full_layer_indices(full_layers: Sequence[int] | None, num_layers: int) -> f
 
 def log_n_scale(positions: torch.Tensor, base: int) -> torch.Tensor:
     """Su's log-n query scale ``max(1, log(p + 1) / log(base))`` for 0-based positions ``p``."""
-    return torch.clamp(torch.log1p(positions.to(torch.float32)) / math.log(base), min=1.0)
+    return torch.clamp(torch.log1p(positions.to(torch.float64)) / math.log(base), min=1.0)
 
 
 def sliding_window_attention(
