@@ -86,7 +86,15 @@ def _attention_outputs(model, ids):
 
 @pytest.mark.parametrize(
     ("q_len", "kv_len", "window", "block"),
-    [(37, 37, 5, None), (37, 50, 5, 8), (1, 9, 4, None), (3, 9, 4, 2), (100, 100, 7, 16), (10, 10, 64, None)],
+    [
+        (37, 37, 5, 64),
+        (37, 50, 5, 8),
+        (1, 9, 4, 64),
+        (3, 9, 4, 2),
+        (100, 100, 7, 16),
+        (10, 10, 64, 64),
+        (90, 120, 40, 16),
+    ],
 )
 def test_sliding_window_attention_equals_banded_reference(q_len, kv_len, window, block):
     gen = torch.Generator().manual_seed(0)

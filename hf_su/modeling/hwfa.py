@@ -155,14 +155,17 @@ def sliding_window_attention(
     attention_mask: torch.Tensor | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
-    block_size: int | None = None,
+    block_size: int = 64,
 ) -> torch.Tensor:
     """Causal sliding-window attention in O(Lq * window) time and memory.
 
     Queries and keys are aligned at the end (as a KV cache returns them): query ``t`` sits at key index
-    ``t + Lk - Lq`` and attends to key indices ``s`` with ``t + Lk - Lq - window < s <= t + Lk - Lq``. Queries are
-    processed in blocks of ``block_size``; each block attends to the ``block_size + window - 1`` keys its rows can
-    see, so no ``Lq x Lk`` matrix is ever formed.
+    ``t + Lk - Lq`` and attends to key indices ``s`` with ``t + Lk - Lq - window < s <= t + Lk - Lq``.
+
+    The first queries, whose window would reach before key 0, see all their causal keys and form one small causal
+    attention. The others are cut into blocks of ``block_size`` queries; each block attends to the
+    ``block_size + window - 1`` keys its rows can see, under one band mask shared by all blocks, so no ``Lq x Lk``
+    matrix is ever formed.
 
     Args:
         query: ``[B, H, Lq, D]``.
@@ -173,52 +176,96 @@ def sliding_window_attention(
             padding; it is intersected with the window.
         scale: Softmax scale; ``None`` means ``1 / sqrt(D)``.
         dropout_p: Attention dropout probability.
-        block_size: Query block length; ``None`` picks ``max(window, 64)``.
+        block_size: Query block length (64 suits CPU kernels; the cost per query grows with
+            ``block_size + window``).
 
     Returns:
-        ``[B, H, Lq, Dv]``.
+        ``[B, H, Lq, Dv]`` (a view of a ``[B, Lq, H, Dv]`` tensor, the layout transformers wants).
     """
-    batch, heads, q_len, _ = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
+    q_len, kv_len = query.shape[2], key.shape[2]
     if kv_len < q_len:
         raise ValueError(f"sliding_window_attention needs at least as many keys as queries, got {kv_len} < {q_len}")
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    if attention_mask is not None and attention_mask.dtype != torch.bool:
-        raise TypeError(f"attention_mask must be boolean (True = attend), got {attention_mask.dtype}")
-    block = block_size or max(window, 64)
-    block = min(block, q_len)
-    num_blocks = -(-q_len // block)
-    span = block + window - 1
-    offset = kv_len - q_len
-    device = query.device
-
-    rows = torch.arange(num_blocks * block, device=device).view(num_blocks, block)
-    cols = torch.arange(span, device=device) + (rows[:, :1] + offset - window + 1)  # [blocks, span]
-    local_r = torch.arange(block, device=device).view(block, 1)
-    local_c = torch.arange(span, device=device).view(1, span)
-    in_band = (local_c >= local_r) & (local_c <= local_r + window - 1)  # same pattern in every block
-    allowed = in_band & ((cols >= 0) & (cols < kv_len)).unsqueeze(1)  # [blocks, block, span]
-    # Rows past the end only exist to fill the last block; unmasking them keeps their softmax finite.
-    allowed = allowed | (rows >= q_len).unsqueeze(-1)
-    safe_cols = cols.clamp(0, kv_len - 1)
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
     if attention_mask is not None:
-        mask = attention_mask.expand(-1, -1, q_len, kv_len)[:, 0]  # [B or 1, Lq, Lk]
-        row_idx = rows.clamp(max=q_len - 1)
-        user = mask[:, row_idx.unsqueeze(-1), safe_cols.unsqueeze(1)]  # [B', blocks, block, span]
-        allowed = (allowed & user) | (rows >= q_len).unsqueeze(-1)
-    allowed = allowed.unsqueeze(-3)  # head axis: [..., blocks, 1, block, span]
+        if attention_mask.dtype != torch.bool:
+            raise TypeError(f"attention_mask must be boolean (True = attend), got {attention_mask.dtype}")
+        attention_mask = attention_mask.expand(-1, -1, q_len, kv_len)
+    offset = kv_len - q_len
+    head = min(q_len, max(0, window - 1 - offset))
+    sdpa = dict(scale=scale, dropout_p=dropout_p, enable_gqa=query.shape[1] != key.shape[1])
+    parts = []
+    if head:
+        # Query t < head has t + offset - window + 1 < 0: its window covers keys 0..t + offset, i.e. plain causal.
+        q, k, v = query[:, :, :head], key[:, :, : head + offset], value[:, :, : head + offset]
+        if offset == 0 and attention_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **sdpa)
+        else:
+            mask = _band(head, head + offset, None, query.device)
+            if attention_mask is not None:
+                mask = mask & attention_mask[:, :, :head, : head + offset]
+            out = F.scaled_dot_product_attention(q, k, v, mask, **sdpa)
+        parts.append(out.transpose(1, 2))
+    if head < q_len:
+        parts.append(_blocked_window_attention(query, key, value, window, head, attention_mask, block_size, sdpa))
+    return torch.cat(parts, dim=1).transpose(1, 2) if len(parts) > 1 else parts[0].transpose(1, 2)
 
-    pad = num_blocks * block - q_len
-    q = F.pad(query, (0, 0, 0, pad)) if pad else query
-    q = q.view(batch, heads, num_blocks, block, -1).transpose(1, 2)  # [B, blocks, H, block, D]
-    k = key[:, :, safe_cols].transpose(1, 2)  # [B, blocks, Hkv, span, D]
-    v = value[:, :, safe_cols].transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale, enable_gqa=heads != kv_heads
-    )
-    out = out.transpose(1, 2).reshape(batch, heads, num_blocks * block, -1)
-    return out[:, :, :q_len]
+
+def _band(q_len: int, kv_len: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """Boolean ``[q_len, kv_len]`` mask, queries aligned at the end: causal, and ``i - window < j`` if windowed."""
+    i = torch.arange(q_len, device=device).unsqueeze(1) + (kv_len - q_len)
+    j = torch.arange(kv_len, device=device).unsqueeze(0)
+    return (j <= i) & (j > i - window) if window is not None else j <= i
+
+
+def _blocked_window_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    window: int,
+    first: int,
+    attention_mask: torch.Tensor | None,
+    block_size: int,
+    sdpa: dict[str, Any],
+) -> torch.Tensor:
+    """Window attention of queries ``first..Lq-1`` (whose windows start at key >= 0), as ``[B, Lq - first, H, D]``."""
+    batch, heads, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    block = min(block_size, q_len - first)
+    num_blocks = -(-(q_len - first) // block)
+    span = block + window - 1
+    device = query.device
+    # Block b holds queries first + b*block + r; its keys start at the window start of its row 0.
+    key_start = first + kv_len - q_len - window + 1
+    mask = _band(block, span, window, device)  # row r sees columns r .. r + window - 1, in every block
+    if attention_mask is not None:
+        starts = torch.arange(num_blocks, device=device).unsqueeze(1) * block
+        rows = (starts + first + torch.arange(block, device=device)).clamp(max=q_len - 1)
+        cols = (starts + key_start + torch.arange(span, device=device)).clamp(max=kv_len - 1)
+        user = attention_mask[:, 0, rows.unsqueeze(-1), cols.unsqueeze(1)]  # [B', blocks, block, span]
+        mask = (mask & user).expand(batch, -1, -1, -1).reshape(batch * num_blocks, 1, block, span)
+
+    pad = first + num_blocks * block - q_len
+    q = F.pad(query[:, :, first:], (0, 0, 0, pad)) if pad else query[:, :, first:]
+    # Blocks go to the batch axis: torch's CPU flash kernel takes that 4-D layout with a mask, a 5-D one it does not.
+    q = q.reshape(batch, heads, num_blocks, block, -1).transpose(1, 2).reshape(batch * num_blocks, heads, block, -1)
+    k, v = (_key_spans(x, key_start, num_blocks, block, span) for x in (key, value))
+    out = F.scaled_dot_product_attention(q, k, v, mask, **sdpa)  # [B * blocks, H, block, Dv]
+    out = out.view(batch, num_blocks, heads, block, -1).transpose(2, 3).reshape(batch, num_blocks * block, heads, -1)
+    return out[:, : q_len - first]
+
+
+def _key_spans(x: torch.Tensor, start: int, num_blocks: int, block: int, span: int) -> torch.Tensor:
+    """``[B, Hkv, L, D]`` -> ``[B * blocks, Hkv, span, D]``: block b gets rows ``start + b * block`` onwards."""
+    batch, kv_heads, _, dim = x.shape
+    x = x[:, :, start:]
+    missing = (num_blocks - 1) * block + span - x.shape[2]
+    if missing > 0:  # only rows past the end of the last block look there; zeros keep their softmax finite
+        x = F.pad(x, (0, 0, 0, missing))
+    spans = x.unfold(2, span, block)[:, :, :num_blocks]  # [B, Hkv, blocks, D, span], a view
+    return spans.permute(0, 2, 1, 4, 3).reshape(batch * num_blocks, kv_heads, span, dim)
 
 
 def hwfa_attention_forward(
