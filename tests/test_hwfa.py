@@ -274,6 +274,12 @@ def test_save_and_reload_keeps_the_hybrid_structure(arch, tmp_path):
     if arch != "llama":
         reloaded.set_attn_implementation(HWFA_ATTENTION)
         torch.testing.assert_close(reloaded(ids).logits, expected, **tolerance(torch.float32))
+    else:  # the documented recipe for saving a reloaded Llama HWFA model again
+        reloaded.config.attn_implementation = HWFA_ATTENTION
+        reloaded.save_pretrained(tmp_path / "again")
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+        assert again.config._attn_implementation == HWFA_ATTENTION
+        torch.testing.assert_close(again(ids).logits, expected, **tolerance(torch.float32))
 
 
 def test_full_layers_equal_rerope_after_patch_rerope():

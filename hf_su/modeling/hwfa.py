@@ -17,7 +17,10 @@ Where the structure lives, so that it is saved by ``save_pretrained``:
   SDPA would be O(n^2)); its full layers run transformers' SDPA. Llama ignores ``sliding_window``, so a Llama HWFA
   model *needs* this implementation; its saved config names it (``"attn_implementation"``), and ``from_pretrained``
   selects it by itself once hf_su has been imported (without hf_su, transformers refuses the unknown name instead
-  of silently running full attention).
+  of silently running full attention). Two ways to lose it, both transformers behaviour: passing another
+  ``attn_implementation`` to ``from_pretrained``/``set_attn_implementation``, and saving a *reloaded* model again
+  (transformers does not write the implementation name back; set ``model.config.attn_implementation =
+  HWFA_ATTENTION`` before re-saving, or rebuild the config with :func:`hwfa_config`).
 """
 
 from __future__ import annotations
