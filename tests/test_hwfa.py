@@ -156,6 +156,7 @@ def test_hwfa_config_sets_structure_on_a_copy():
         (dict(full_layers=[0, 1, 2, 3]), ValueError, "at least one window layer"),
         (dict(full_layers=2), TypeError, "sequence"),
         (dict(log_scale_base=1), ValueError, "log_scale_base"),
+        (dict(log_scale_base="512"), TypeError, "log_scale_base"),
     ],
 )
 def test_hwfa_config_rejects_bad_arguments(kwargs, error, match):

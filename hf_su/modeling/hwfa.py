@@ -59,7 +59,7 @@ def hwfa_config(
     window: int = 64,
     full_layers: Sequence[int] | None = None,
     *,
-    log_scale_base: int | None = None,
+    log_scale_base: float | None = None,
 ) -> PretrainedConfig:
     """A copy of ``config`` describing an HWFA model: window attention everywhere except a few full layers.
 
@@ -108,10 +108,10 @@ def hwfa_config(
             "one window layer (use the original config for an all-full model)"
         )
     if log_scale_base is not None:
-        if isinstance(log_scale_base, bool) or not isinstance(log_scale_base, int):
-            raise TypeError(f"log_scale_base must be an int or None, got {type(log_scale_base).__name__}")
-        if log_scale_base < 2:
-            raise ValueError(f"log_scale_base must be >= 2 (it is a training length), got {log_scale_base}")
+        if isinstance(log_scale_base, bool) or not isinstance(log_scale_base, (int, float)):
+            raise TypeError(f"log_scale_base must be a number or None, got {type(log_scale_base).__name__}")
+        if not log_scale_base > 1:
+            raise ValueError(f"log_scale_base must be > 1 (it is a training length), got {log_scale_base}")
 
     cfg = copy.deepcopy(config)
     cfg.layer_types = ["full_attention" if i in full else "sliding_attention" for i in range(num_layers)]
@@ -144,7 +144,7 @@ def _full_layer_indices(full_layers: Sequence[int] | None, num_layers: int) -> f
     return frozenset(full_layers)
 
 
-def log_n_scale(positions: torch.Tensor, base: int) -> torch.Tensor:
+def log_n_scale(positions: torch.Tensor, base: float) -> torch.Tensor:
     """Su's log-n query scale ``max(1, log(p + 1) / log(base))`` for 0-based positions ``p``."""
     return torch.clamp(torch.log1p(positions.to(torch.float64)) / math.log(base), min=1.0)
 
@@ -319,7 +319,7 @@ def hwfa_attention_forward(
 
 
 def _query_log_scale(
-    position_ids: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, base: int
+    position_ids: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, base: float
 ) -> torch.Tensor:
     q_len = query.shape[-2]
     if position_ids is None:
