@@ -183,7 +183,7 @@ def sliding_window_attention(
             ``block_size + window``).
 
     Returns:
-        ``[B, H, Lq, Dv]`` (a view of a ``[B, Lq, H, Dv]`` tensor, the layout transformers wants).
+        ``[B, H, Lq, Dv]`` (for ``Lq > 1`` a transposed view of a ``[B, Lq, H, Dv]`` tensor, transformers' layout).
     """
     q_len, kv_len = query.shape[2], key.shape[2]
     if kv_len < q_len:
@@ -196,9 +196,13 @@ def sliding_window_attention(
         if attention_mask.dtype != torch.bool:
             raise TypeError(f"attention_mask must be boolean (True = attend), got {attention_mask.dtype}")
         attention_mask = attention_mask.expand(-1, -1, q_len, kv_len)
+    sdpa = dict(scale=scale, dropout_p=dropout_p, enable_gqa=query.shape[1] != key.shape[1])
+    if q_len == 1:  # decoding: the window is just the last keys
+        keys = slice(max(0, kv_len - window), kv_len)
+        mask = attention_mask[..., keys] if attention_mask is not None else None
+        return F.scaled_dot_product_attention(query, key[:, :, keys], value[:, :, keys], mask, **sdpa)
     offset = kv_len - q_len
     head = min(q_len, max(0, window - 1 - offset))
-    sdpa = dict(scale=scale, dropout_p=dropout_p, enable_gqa=query.shape[1] != key.shape[1])
     parts = []
     if head:
         # Query t < head has t + offset - window + 1 < 0: its window covers keys 0..t + offset, i.e. plain causal.
