@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _LAZY_EXPORTS: dict[str, str] = {
     "embedded_corpus": ".data",
     "deer_rnn": ".modeling.deer",
+    "hwfa_config": ".modeling.hwfa",
     "Tiger": ".trainer.tiger",
     "tiger_param_groups": ".trainer.tiger",
     "generate_healed": ".generation.healing",
@@ -41,4 +42,5 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
     from .data import embedded_corpus  # noqa: F401
     from .generation.healing import HealingLogitsProcessor, generate_healed  # noqa: F401
     from .modeling.deer import deer_rnn  # noqa: F401
+    from .modeling.hwfa import hwfa_config  # noqa: F401
     from .trainer.tiger import Tiger, tiger_param_groups  # noqa: F401
