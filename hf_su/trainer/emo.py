@@ -1,0 +1,463 @@
+"""EMO: Earth Mover Distance Optimization loss (Ren et al. 2023), reference and fused (chunked) forms.
+
+For a token with target ``y``, logits ``z``, ``q = softmax(z)`` and ``ê`` the row-normalised cost embedding (no
+gradient), the transport cost between ``q`` and the one-hot target under the cost ``1 - cos(e_i, e_y)`` is
+``1 - <ê_y, Σ_j q_j ê_j>``. The official code removes the target's own probability from the *value* only
+(``q̃ = q - stopgrad(q ⊙ onehot(y))``), so
+
+    emo_t = 1 - Σ_{j≠y} q_j cos(e_j, e_y)        with gradient   ∂emo_t/∂z = -q ⊙ (s - <q, s>),  s_j = cos(e_j, e_y)
+    mle_t = logsumexp(z) - z_y                   with gradient   ∂mle_t/∂z = q - onehot(y)
+
+and the modes combine them with detached per-token ratios:
+
+    "mix":  0.5 * (mle_t + stopgrad(mle_t / emo_t) * emo_t)     (official mode 1; ``ratio_clip`` caps the ratio)
+    "emo2": stopgrad(emo_t / mle_t) * mle_t + emo_t             (official mode 2)
+    "emo":  emo_t
+    "ce":   mle_t
+
+:func:`emo_loss` is the readable reference on materialised logits. :func:`fused_emo_loss` takes the hidden states
+and the output embedding instead and never holds the tokens×vocab logits: it runs over token chunks and computes the
+gradients w.r.t. hidden states, weight and bias inside the forward (as Liger-Kernel's fused linear cross-entropy
+does), so the peak extra memory is two chunk×vocab buffers plus the weight gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("mix", "emo2", "emo", "ce")
+REDUCTIONS = ("mean", "sum", "none")
+
+# The official code guards its ratios and its normalisation with these constants; keep them so values match.
+_RATIO_EPS = 1e-10
+_NORM_EPS = 1e-12
+
+
+class EMOLossParts(NamedTuple):
+    """Detached per-batch sums of the two ingredients, for logging.
+
+    Attributes:
+        ce_sum: sum over non-ignored tokens of the cross-entropy ``mle_t``.
+        emo_sum: sum over non-ignored tokens of ``emo_t``.
+        num_tokens: number of non-ignored tokens.
+    """
+
+    ce_sum: torch.Tensor
+    emo_sum: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# shared pieces
+
+
+def _check_options(mode: str, reduction: str, num_items_in_batch, ratio_clip: float | None) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown EMO mode {mode!r}; choose from {MODES}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; choose from {REDUCTIONS}")
+    if num_items_in_batch is not None and reduction != "mean":
+        raise ValueError(
+            f"num_items_in_batch replaces the token count of reduction='mean'; it cannot be used with "
+            f"reduction={reduction!r}"
+        )
+    if ratio_clip is not None:
+        if mode not in ("mix", "emo2"):
+            raise ValueError(f"ratio_clip only applies to the 'mix' and 'emo2' modes, not {mode!r}")
+        if not ratio_clip > 0:
+            raise ValueError(f"ratio_clip must be positive, got {ratio_clip}")
+
+
+def _check_labels(labels: torch.Tensor, leading_shape: torch.Size, vocab_size: int, ignore_index: int) -> None:
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != leading_shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match the tokens' shape {tuple(leading_shape)}")
+    valid = labels != ignore_index
+    if valid.any():
+        lo, hi = labels[valid].min().item(), labels[valid].max().item()
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(
+                f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; got {lo}..{hi}"
+            )
+
+
+def _check_cost_embedding(cost_embedding: torch.Tensor, vocab_size: int, what: str) -> None:
+    if cost_embedding.dim() != 2:
+        raise ValueError(f"cost_embedding must be 2-D [vocab, dim], got shape {tuple(cost_embedding.shape)}")
+    if cost_embedding.shape[0] != vocab_size:
+        raise ValueError(
+            f"vocab size mismatch: {what} has {vocab_size} entries but cost_embedding has {cost_embedding.shape[0]} rows"
+        )
+    if not cost_embedding.is_floating_point():
+        raise TypeError(f"cost_embedding must be a floating tensor, got {cost_embedding.dtype}")
+
+
+def _mode_coefficients(
+    mle: torch.Tensor, emo: torch.Tensor, mode: str, ratio_clip: float | None
+) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """Detached per-token weights ``(a, b)`` with ``loss_t = a * mle_t + b * emo_t`` (value and gradient)."""
+    if mode == "ce":
+        return 1.0, 0.0
+    if mode == "emo":
+        return 0.0, 1.0
+    if mode == "mix":
+        ratio = mle.detach() / (emo.detach() + _RATIO_EPS)
+        if ratio_clip is not None:
+            ratio = ratio.clamp(max=ratio_clip)
+        return 0.5, 0.5 * ratio
+    ratio = emo.detach() / (mle.detach() + _RATIO_EPS)  # "emo2"
+    if ratio_clip is not None:
+        ratio = ratio.clamp(max=ratio_clip)
+    return ratio, 1.0
+
+
+def _denominator(reduction: str, num_valid: torch.Tensor, num_items_in_batch) -> torch.Tensor | None:
+    """What the token sum is divided by (``None``: no division). Never zero, so all-ignored batches give 0, not NaN."""
+    if reduction != "mean":
+        return None
+    if num_items_in_batch is None:
+        return num_valid.clamp(min=1).float()
+    if torch.is_tensor(num_items_in_batch):
+        return num_items_in_batch.to(device=num_valid.device, dtype=torch.float32).clamp(min=1)
+    return torch.tensor(max(float(num_items_in_batch), 1.0), device=num_valid.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reference on materialised logits
+
+
+def emo_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    cost_embedding: torch.Tensor,
+    *,
+    mode: str = "mix",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    ratio_clip: float | None = None,
+    return_parts: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, EMOLossParts]:
+    """EMO loss on materialised logits (labels aligned with logits: shift them first for causal LMs).
+
+    Args:
+        logits: ``[..., V]`` scores; computed on in float32 (or float64 if given).
+        labels: ``[...]`` integer targets; ``ignore_index`` marks positions that do not count.
+        cost_embedding: ``[V, D]`` embedding whose row cosines define the transport cost; used detached.
+        mode: ``"mix"`` (default, official mode 1), ``"emo2"`` (official mode 2), ``"emo"`` or ``"ce"``.
+        ignore_index: label value to ignore.
+        reduction: ``"mean"`` over non-ignored tokens, ``"sum"``, or ``"none"`` (per-token, 0 where ignored).
+        num_items_in_batch: with ``reduction="mean"``, divide the sum by this count instead (the Trainer's
+            gradient-accumulation convention: the count over all micro-batches and ranks).
+        ratio_clip: upper bound of the detached ratio in ``"mix"``/``"emo2"`` (the official continual fine-tuning
+            script uses 3.0 in mode 1).
+        return_parts: also return detached CE/EMO sums for logging.
+
+    Returns:
+        The loss (scalar, or ``labels.shape`` for ``reduction="none"``), and :class:`EMOLossParts` if asked.
+
+    Raises:
+        ValueError: unknown mode/reduction, shape or vocab mismatch, labels out of range.
+        TypeError: non-integer labels or a non-floating cost embedding.
+    """
+    _check_options(mode, reduction, num_items_in_batch, ratio_clip)
+    vocab_size = logits.shape[-1]
+    _check_labels(labels, logits.shape[:-1], vocab_size, ignore_index)
+    _check_cost_embedding(cost_embedding, vocab_size, "logits' last dimension")
+
+    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.reshape(-1, vocab_size).to(compute_dtype)
+    flat_labels = labels.reshape(-1)
+    valid = flat_labels != ignore_index
+    target = torch.where(valid, flat_labels, 0)
+
+    log_q = torch.log_softmax(z, dim=-1)
+    q = log_q.exp()
+    mle = -log_q.gather(1, target[:, None]).squeeze(1)
+
+    e_hat = F.normalize(cost_embedding.detach().to(compute_dtype), dim=-1, eps=_NORM_EPS)
+    e_target = e_hat[target]  # [N, D]
+    q_target = q.gather(1, target[:, None]).squeeze(1)
+    # Σ_j q̃_j s_j with q̃ = q - stopgrad(q ⊙ onehot): the target's term leaves the value but stays in the gradient.
+    transported = ((q @ e_hat) * e_target).sum(-1) - q_target.detach() * (e_target * e_target).sum(-1)
+    emo = 1.0 - transported
+
+    a, b = _mode_coefficients(mle, emo, mode, ratio_clip)
+    per_token = torch.where(valid, a * mle + b * emo, 0.0)
+
+    denominator = _denominator(reduction, valid.sum(), num_items_in_batch)
+    if reduction == "none":
+        loss = per_token.reshape(labels.shape)
+    elif denominator is None:
+        loss = per_token.sum()
+    else:
+        loss = per_token.sum() / denominator
+    if not return_parts:
+        return loss
+    zero = torch.zeros((), dtype=compute_dtype, device=z.device)
+    parts = EMOLossParts(
+        torch.where(valid, mle, zero).sum().detach(), torch.where(valid, emo, zero).sum().detach(), valid.sum()
+    )
+    return loss, parts
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fused, chunked form
+
+
+def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
+    """Tokens per chunk: a power of two whose chunk×vocab buffer holds about as many numbers as the
+    tokens×hidden input (Liger-Kernel's rule), but at least 256 rows so the matmuls stay efficient."""
+    rows = math.ceil(num_tokens / max(1, math.ceil(vocab_size / hidden_size)))
+    return max(1, min(num_tokens, max(256, 1 << max(0, rows - 1).bit_length())))
+
+
+class _Chunk(NamedTuple):
+    probs: torch.Tensor  # [C, V] softmax, float32
+    cos: torch.Tensor  # [C, V] cos(e_j, e_y), float32; becomes the logit gradient in place
+    q_dot_cos: torch.Tensor  # [C] <q, s>
+    mle: torch.Tensor  # [C]
+    emo: torch.Tensor  # [C]
+    a: torch.Tensor | float  # loss_t = a * mle_t + b * emo_t
+    b: torch.Tensor | float
+
+
+def _chunk_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    cost: torch.Tensor,
+    inv_norm: torch.Tensor,
+    mode: str,
+    ratio_clip: float | None,
+) -> _Chunk:
+    logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+    z = logits.to(inv_norm.dtype)  # a copy for low-precision inputs, else the same tensor: our buffer from now on
+    rows = torch.arange(z.shape[0], device=z.device)
+    z_target = z[rows, target]
+    z_max = z.amax(dim=1, keepdim=True)
+    probs = z.sub_(z_max).exp_()
+    sum_exp = probs.sum(dim=1, keepdim=True)
+    probs.div_(sum_exp)
+    mle = (z_max + sum_exp.log()).squeeze(1) - z_target
+
+    # s_j = cos(e_j, e_y) from the raw rows and their inverse norms: no normalised copy of the [V, D] matrix needed.
+    cos = (cost[target] @ cost.T).to(inv_norm.dtype)
+    cos.mul_(inv_norm[target, None]).mul_(inv_norm[None, :])
+    q_dot_cos = torch.bmm(probs[:, None, :], cos[:, :, None]).reshape(-1)  # no [C, V] temporary
+    emo = 1.0 - (q_dot_cos - probs[rows, target] * cos[rows, target])
+    a, b = _mode_coefficients(mle, emo, mode, ratio_clip)
+    return _Chunk(probs, cos, q_dot_cos, mle, emo, a, b)
+
+
+def _logit_grad_(chunk: _Chunk, target: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """d(Σ_t scale_t · loss_t)/dz for the chunk, written over ``chunk.cos``:
+    ``q ⊙ (a - b (s - <q, s>)) - a · onehot(y)``, each row times ``scale_t``."""
+    a = chunk.a * scale
+    b = chunk.b * scale
+    grad = chunk.cos
+    grad.sub_(chunk.q_dot_cos[:, None]).mul_(-b[:, None]).add_(a[:, None]).mul_(chunk.probs)
+    rows = torch.arange(grad.shape[0], device=grad.device)
+    grad[rows, target] -= a
+    return grad
+
+
+class _FusedEMOFunction(torch.autograd.Function):
+    """Scalar reductions: gradients are computed in the forward, the backward only scales them.
+    ``reduction="none"``: the forward computes values only and the backward recomputes each chunk, because the
+    per-token upstream gradients must multiply the logit gradients before they are projected (Liger #968)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, cost, inv_norm, denominator, opts):
+        mode, ratio_clip, ignore_index, chunk_size, per_token, grad_flags = opts
+        n = hidden.shape[0]
+        valid = labels != ignore_index
+        target = torch.where(valid, labels, 0)
+        acc = inv_norm.dtype
+        losses = torch.zeros(n, dtype=acc, device=hidden.device)
+        mle_sum = torch.zeros((), dtype=acc, device=hidden.device)
+        emo_sum = torch.zeros((), dtype=acc, device=hidden.device)
+
+        in_forward = not per_token and any(grad_flags)
+        if in_forward:
+            scale = valid.to(acc) if denominator is None else valid.to(acc) / denominator
+            grads = _Grads(hidden, weight, bias, grad_flags, acc)
+        for start in range(0, n, chunk_size):
+            sl = slice(start, min(start + chunk_size, n))
+            chunk = _chunk_stats(hidden[sl], weight, bias, target[sl], cost, inv_norm, mode, ratio_clip)
+            v = valid[sl]
+            losses[sl] = torch.where(v, chunk.a * chunk.mle + chunk.b * chunk.emo, 0.0)
+            mle_sum += torch.where(v, chunk.mle, 0.0).sum()
+            emo_sum += torch.where(v, chunk.emo, 0.0).sum()
+            if in_forward:
+                grads.add(sl, hidden[sl], _logit_grad_(chunk, target[sl], scale[sl]))
+            del chunk
+
+        ctx.per_token = per_token
+        ctx.accumulate_dtype = acc
+        ctx.mark_non_differentiable(mle_sum, emo_sum)
+        if per_token:
+            ctx.opts = opts
+            ctx.save_for_backward(hidden, weight, bias, labels, cost, inv_norm)
+            return losses, mle_sum, emo_sum
+        total = losses.sum() if denominator is None else losses.sum() / denominator
+        if in_forward:
+            ctx.save_for_backward(*grads.result())
+        return total, mle_sum, emo_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_mle, _grad_emo):
+        if ctx.per_token:
+            grad_hidden, grad_weight, grad_bias = _FusedEMOFunction._recompute_grads(ctx, grad_loss)
+        else:
+            saved = ctx.saved_tensors
+            if not saved:
+                return (None,) * 8
+            grad_hidden, grad_weight, grad_bias = saved
+            # The common case is a loss that is not scaled further: skip three full-size multiplications.
+            if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+                g = grad_loss.to(ctx.accumulate_dtype)
+                grad_hidden, grad_weight, grad_bias = (
+                    None if t is None else (t * g).to(t.dtype) for t in (grad_hidden, grad_weight, grad_bias)
+                )
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+    @staticmethod
+    def _recompute_grads(ctx, grad_loss):
+        hidden, weight, bias, labels, cost, inv_norm = ctx.saved_tensors
+        mode, ratio_clip, ignore_index, chunk_size, _, grad_flags = ctx.opts
+        valid = labels != ignore_index
+        target = torch.where(valid, labels, 0)
+        scale = torch.where(valid, grad_loss.to(inv_norm.dtype), 0.0)
+        grads = _Grads(hidden, weight, bias, grad_flags, inv_norm.dtype)
+        n = hidden.shape[0]
+        for start in range(0, n, chunk_size):
+            sl = slice(start, min(start + chunk_size, n))
+            chunk = _chunk_stats(hidden[sl], weight, bias, target[sl], cost, inv_norm, mode, ratio_clip)
+            grads.add(sl, hidden[sl], _logit_grad_(chunk, target[sl], scale[sl]))
+            del chunk
+        return grads.result()
+
+
+class _Grads:
+    """Accumulates the projections of chunk logit gradients; weight and bias gradients are summed in ``acc``
+    (float32, or float64 for float64 inputs)."""
+
+    def __init__(self, hidden, weight, bias, grad_flags, acc):
+        want_hidden, want_weight, want_bias = grad_flags
+        self.weight, self.acc = weight, acc
+        self.hidden_dtype, self.weight_dtype = hidden.dtype, weight.dtype
+        self.bias_dtype = None if bias is None else bias.dtype
+        self.grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        self.grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_weight else None
+        self.grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want_bias else None
+
+    def add(self, sl: slice, hidden_chunk: torch.Tensor, logit_grad: torch.Tensor) -> None:
+        if self.grad_hidden is not None:
+            torch.mm(logit_grad.to(self.weight_dtype), self.weight, out=self.grad_hidden[sl])
+        if self.grad_weight is not None:
+            self.grad_weight.addmm_(logit_grad.T, hidden_chunk.to(self.acc))
+        if self.grad_bias is not None:
+            self.grad_bias += logit_grad.sum(0)
+
+    def result(self):
+        grad_weight = None if self.grad_weight is None else self.grad_weight.to(self.weight_dtype)
+        grad_bias = None if self.grad_bias is None else self.grad_bias.to(self.bias_dtype)
+        return self.grad_hidden, grad_weight, grad_bias
+
+
+def fused_emo_loss(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    lm_head_bias: torch.Tensor | None = None,
+    cost_embedding: torch.Tensor | None = None,
+    mode: str = "mix",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    ratio_clip: float | None = None,
+    chunk_size: int | None = None,
+    return_parts: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, EMOLossParts]:
+    """EMO loss of ``hidden_states @ lm_head_weight.T + lm_head_bias`` without materialising those logits.
+
+    Same value and gradients (w.r.t. hidden states, weight and bias) as
+    ``emo_loss(hidden_states @ lm_head_weight.T + lm_head_bias, labels, cost_embedding, ...)``; works over chunks of
+    ``chunk_size`` tokens, computing the gradients during the forward when the reduction is a scalar.
+
+    Args:
+        hidden_states: ``[..., H]`` final hidden states (labels aligned: shift them first for causal LMs).
+        lm_head_weight: ``[V, H]`` output embedding.
+        labels: ``[...]`` integer targets; ``ignore_index`` marks positions that do not count.
+        lm_head_bias: optional ``[V]`` output bias.
+        cost_embedding: ``[V, D]`` embedding defining the cost, used detached; ``None`` means the current
+            ``lm_head_weight`` (the official "adaptive" cost).
+        mode: ``"mix"``, ``"emo2"``, ``"emo"`` or ``"ce"`` (see the module docstring).
+        ignore_index: label value to ignore.
+        reduction: ``"mean"`` over non-ignored tokens, ``"sum"`` or ``"none"``.
+        num_items_in_batch: with ``reduction="mean"``, divide the sum by this count instead.
+        ratio_clip: upper bound of the detached ratio in ``"mix"``/``"emo2"``.
+        chunk_size: tokens per chunk; default :func:`default_chunk_size`.
+        return_parts: also return detached CE/EMO sums for logging.
+
+    Returns:
+        The loss in float32 (float64 for float64 weights) (scalar, or ``labels.shape`` for ``reduction="none"``), and :class:`EMOLossParts` if asked.
+
+    Raises:
+        ValueError: unknown mode/reduction, shape or vocab mismatch, labels out of range, bad chunk size.
+        TypeError: non-integer labels or a non-floating cost embedding.
+    """
+    _check_options(mode, reduction, num_items_in_batch, ratio_clip)
+    if lm_head_weight.dim() != 2:
+        raise ValueError(f"lm_head_weight must be 2-D [vocab, hidden], got shape {tuple(lm_head_weight.shape)}")
+    vocab_size, hidden_size = lm_head_weight.shape
+    if hidden_states.shape[-1] != hidden_size:
+        raise ValueError(
+            f"hidden size mismatch: hidden_states end in {hidden_states.shape[-1]} but lm_head_weight is "
+            f"{tuple(lm_head_weight.shape)}"
+        )
+    if lm_head_bias is not None and lm_head_bias.shape != (vocab_size,):
+        raise ValueError(f"lm_head_bias must have shape ({vocab_size},), got {tuple(lm_head_bias.shape)}")
+    _check_labels(labels, hidden_states.shape[:-1], vocab_size, ignore_index)
+    if cost_embedding is None:
+        cost = lm_head_weight.detach()
+    else:
+        _check_cost_embedding(cost_embedding, vocab_size, "lm_head_weight")
+        cost = cost_embedding.detach()
+        if cost.device != lm_head_weight.device:
+            raise ValueError(f"cost_embedding is on {cost.device} but lm_head_weight is on {lm_head_weight.device}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+    hidden = hidden_states.reshape(-1, hidden_size)
+    flat_labels = labels.reshape(-1)
+    num_tokens = hidden.shape[0]
+    chunk = chunk_size or default_chunk_size(num_tokens, hidden_size, vocab_size)
+    acc = torch.float64 if lm_head_weight.dtype == torch.float64 else torch.float32
+    # Reciprocal row norms of the cost matrix; their dtype is the accumulation dtype of everything chunked.
+    inv_norm = 1.0 / torch.linalg.vector_norm(cost.to(acc), dim=-1).clamp(min=_NORM_EPS)
+    valid = flat_labels != ignore_index
+    denominator = _denominator(reduction, valid.sum(), num_items_in_batch)
+
+    grad_enabled = torch.is_grad_enabled()
+    grad_flags = tuple(
+        grad_enabled and t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias)
+    )
+    per_token = reduction == "none"
+    opts = (mode, ratio_clip, ignore_index, chunk, per_token, grad_flags)
+    loss, mle_sum, emo_sum = _FusedEMOFunction.apply(
+        hidden, lm_head_weight, lm_head_bias, flat_labels, cost, inv_norm, denominator, opts
+    )
+    if per_token:
+        loss = loss.reshape(labels.shape)
+    if not return_parts:
+        return loss
+    return loss, EMOLossParts(mle_sum, emo_sum, valid.sum())
