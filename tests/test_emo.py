@@ -259,9 +259,10 @@ def test_parts_report_cross_entropy_and_emo_sums():
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(8192, 1024, 32000) == 256  # Liger's rule: chunk×V ≈ N×H
+    assert default_chunk_size(8192, 1024, 32000) == 1024  # chunk×V ≈ 2^25
+    assert default_chunk_size(8192, 4096, 152064) == 256  # Liger: 8192 / ceil(152064 / 4096) -> 256
     assert default_chunk_size(100, 64, 512) == 100  # never more than the tokens
-    assert default_chunk_size(1 << 16, 4096, 32000) == 8192
+    assert default_chunk_size(1 << 16, 4096, 32000) == 8192  # Liger's rule: chunk×V ≈ N×H
 
 
 def test_clear_errors():

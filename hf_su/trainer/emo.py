@@ -211,15 +211,30 @@ def emo_loss(
 
 
 def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
-    """Tokens per chunk: a power of two whose chunk×vocab buffer holds about as many numbers as the
-    tokens×hidden input (Liger-Kernel's rule), but at least 256 rows so the matmuls stay efficient."""
-    rows = math.ceil(num_tokens / max(1, math.ceil(vocab_size / hidden_size)))
-    return max(1, min(num_tokens, max(256, 1 << max(0, rows - 1).bit_length())))
+    """Tokens per chunk: a power of two whose chunk×vocab buffer holds about 2^25 numbers (128 MiB in float32), or
+    as many as the tokens×hidden input if that is more (Liger-Kernel's rule); never more than the tokens.
+
+    Large chunks keep the matmuls efficient (on CPU, 256-row chunks cost ~25% more time than 2048-row ones); the
+    cap keeps the two chunk buffers small next to the weight gradient for any vocabulary size."""
+    liger_rows = math.ceil(num_tokens / max(1, math.ceil(vocab_size / hidden_size)))
+    budget_rows = max(1, (1 << 25) // vocab_size)
+    rows = max(1 << (budget_rows.bit_length() - 1), 1 << max(0, liger_rows - 1).bit_length())
+    return max(1, min(num_tokens, rows))
+
+
+def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """``out = a @ b (+ bias)`` written into a reused buffer: on CPU a fresh chunk-sized tensor costs as much as an
+    elementwise pass in page faults. Low-precision products are formed in their dtype, then widened."""
+    if a.dtype == out.dtype and (bias is None or bias.dtype == out.dtype):
+        torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
+    else:
+        out.copy_(a @ b if bias is None else torch.addmm(bias, a, b))
 
 
 class _Chunk(NamedTuple):
-    probs: torch.Tensor  # [C, V] softmax, float32
-    cos: torch.Tensor  # [C, V] cos(e_j, e_y), float32; becomes the logit gradient in place
+    exp: torch.Tensor  # [C, V] exp(z - max z); the softmax is exp * inv_sum (never formed: one pass saved)
+    exp_cos: torch.Tensor  # [C, V] exp ⊙ s with s_j = cos(e_j, e_y)
+    inv_sum: torch.Tensor  # [C] 1 / Σ_j exp_j
     q_dot_cos: torch.Tensor  # [C] <q, s>
     mle: torch.Tensor  # [C]
     emo: torch.Tensor  # [C]
@@ -232,40 +247,47 @@ def _chunk_stats(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     target: torch.Tensor,
-    cost: torch.Tensor,
-    inv_norm: torch.Tensor,
+    e_hat: torch.Tensor,
+    buffers: tuple[torch.Tensor, torch.Tensor],
     mode: str,
     ratio_clip: float | None,
 ) -> _Chunk:
-    logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
-    z = logits.to(inv_norm.dtype)  # a copy for low-precision inputs, else the same tensor: our buffer from now on
-    rows = torch.arange(z.shape[0], device=z.device)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    z, cos = (buf[: hidden.shape[0]] for buf in buffers)
+    _matmul_into(z, hidden, weight.T, bias)
     z_target = z[rows, target]
     z_max = z.amax(dim=1, keepdim=True)
-    probs = z.sub_(z_max).exp_()
-    sum_exp = probs.sum(dim=1, keepdim=True)
-    probs.div_(sum_exp)
-    mle = (z_max + sum_exp.log()).squeeze(1) - z_target
+    exp = z.sub_(z_max).exp_()
+    sum_exp = exp.sum(dim=1)
+    inv_sum = 1.0 / sum_exp
+    mle = z_max.squeeze(1) + sum_exp.log() - z_target
 
-    # s_j = cos(e_j, e_y) from the raw rows and their inverse norms: no normalised copy of the [V, D] matrix needed.
-    cos = (cost[target] @ cost.T).to(inv_norm.dtype)
-    cos.mul_(inv_norm[target, None]).mul_(inv_norm[None, :])
-    q_dot_cos = torch.bmm(probs[:, None, :], cos[:, :, None]).reshape(-1)  # no [C, V] temporary
-    emo = 1.0 - (q_dot_cos - probs[rows, target] * cos[rows, target])
+    _matmul_into(cos, e_hat[target], e_hat.T)
+    cos_target = cos[rows, target]
+    exp_cos = cos.mul_(exp)
+    q_dot_cos = exp_cos.sum(dim=1) * inv_sum
+    emo = 1.0 - (q_dot_cos - exp[rows, target] * inv_sum * cos_target)
     a, b = _mode_coefficients(mle, emo, mode, ratio_clip)
-    return _Chunk(probs, cos, q_dot_cos, mle, emo, a, b)
+    return _Chunk(exp, exp_cos, inv_sum, q_dot_cos, mle, emo, a, b)
 
 
 def _logit_grad_(chunk: _Chunk, target: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """d(Σ_t scale_t · loss_t)/dz for the chunk, written over ``chunk.cos``:
-    ``q ⊙ (a - b (s - <q, s>)) - a · onehot(y)``, each row times ``scale_t``."""
+    """d(Σ_t scale_t · loss_t)/dz for the chunk, written over ``chunk.exp``:
+    ``q ⊙ (a - b (s - <q, s>)) - a · onehot(y)`` = ``c · exp - d · (exp ⊙ s) - a · onehot(y)`` with per-row
+    ``c = (a + b <q, s>) / Σexp`` and ``d = b / Σexp``, each row times ``scale_t``."""
     a = chunk.a * scale
     b = chunk.b * scale
-    grad = chunk.cos
-    grad.sub_(chunk.q_dot_cos[:, None]).mul_(-b[:, None]).add_(a[:, None]).mul_(chunk.probs)
+    c = (a + b * chunk.q_dot_cos) * chunk.inv_sum
+    d = b * chunk.inv_sum
+    grad = chunk.exp.mul_(c[:, None]).addcmul_(chunk.exp_cos, -d[:, None])
     rows = torch.arange(grad.shape[0], device=grad.device)
     grad[rows, target] -= a
     return grad
+
+
+def _chunk_buffers(hidden: torch.Tensor, vocab_size: int, chunk_size: int, acc: torch.dtype):
+    rows = min(chunk_size, hidden.shape[0])
+    return tuple(torch.empty(rows, vocab_size, dtype=acc, device=hidden.device) for _ in range(2))
 
 
 class _FusedEMOFunction(torch.autograd.Function):
@@ -274,12 +296,11 @@ class _FusedEMOFunction(torch.autograd.Function):
     per-token upstream gradients must multiply the logit gradients before they are projected (Liger #968)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, cost, inv_norm, denominator, opts):
-        mode, ratio_clip, ignore_index, chunk_size, per_token, grad_flags = opts
+    def forward(ctx, hidden, weight, bias, labels, e_hat, denominator, opts):
+        mode, ratio_clip, ignore_index, chunk_size, per_token, grad_flags, acc = opts
         n = hidden.shape[0]
         valid = labels != ignore_index
         target = torch.where(valid, labels, 0)
-        acc = inv_norm.dtype
         losses = torch.zeros(n, dtype=acc, device=hidden.device)
         mle_sum = torch.zeros((), dtype=acc, device=hidden.device)
         emo_sum = torch.zeros((), dtype=acc, device=hidden.device)
@@ -288,9 +309,10 @@ class _FusedEMOFunction(torch.autograd.Function):
         if in_forward:
             scale = valid.to(acc) if denominator is None else valid.to(acc) / denominator
             grads = _Grads(hidden, weight, bias, grad_flags, acc)
+        buffers = _chunk_buffers(hidden, weight.shape[0], chunk_size, acc)
         for start in range(0, n, chunk_size):
             sl = slice(start, min(start + chunk_size, n))
-            chunk = _chunk_stats(hidden[sl], weight, bias, target[sl], cost, inv_norm, mode, ratio_clip)
+            chunk = _chunk_stats(hidden[sl], weight, bias, target[sl], e_hat, buffers, mode, ratio_clip)
             v = valid[sl]
             losses[sl] = torch.where(v, chunk.a * chunk.mle + chunk.b * chunk.emo, 0.0)
             mle_sum += torch.where(v, chunk.mle, 0.0).sum()
@@ -304,7 +326,7 @@ class _FusedEMOFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(mle_sum, emo_sum)
         if per_token:
             ctx.opts = opts
-            ctx.save_for_backward(hidden, weight, bias, labels, cost, inv_norm)
+            ctx.save_for_backward(hidden, weight, bias, labels, e_hat)
             return losses, mle_sum, emo_sum
         total = losses.sum() if denominator is None else losses.sum() / denominator
         if in_forward:
@@ -318,7 +340,7 @@ class _FusedEMOFunction(torch.autograd.Function):
         else:
             saved = ctx.saved_tensors
             if not saved:
-                return (None,) * 8
+                return (None,) * 7
             grad_hidden, grad_weight, grad_bias = saved
             # The common case is a loss that is not scaled further: skip three full-size multiplications.
             if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
@@ -326,20 +348,21 @@ class _FusedEMOFunction(torch.autograd.Function):
                 grad_hidden, grad_weight, grad_bias = (
                     None if t is None else (t * g).to(t.dtype) for t in (grad_hidden, grad_weight, grad_bias)
                 )
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
     @staticmethod
     def _recompute_grads(ctx, grad_loss):
-        hidden, weight, bias, labels, cost, inv_norm = ctx.saved_tensors
-        mode, ratio_clip, ignore_index, chunk_size, _, grad_flags = ctx.opts
+        hidden, weight, bias, labels, e_hat = ctx.saved_tensors
+        mode, ratio_clip, ignore_index, chunk_size, _, grad_flags, acc = ctx.opts
         valid = labels != ignore_index
         target = torch.where(valid, labels, 0)
-        scale = torch.where(valid, grad_loss.to(inv_norm.dtype), 0.0)
-        grads = _Grads(hidden, weight, bias, grad_flags, inv_norm.dtype)
+        scale = torch.where(valid, grad_loss.to(acc), 0.0)
+        grads = _Grads(hidden, weight, bias, grad_flags, acc)
         n = hidden.shape[0]
+        buffers = _chunk_buffers(hidden, weight.shape[0], chunk_size, acc)
         for start in range(0, n, chunk_size):
             sl = slice(start, min(start + chunk_size, n))
-            chunk = _chunk_stats(hidden[sl], weight, bias, target[sl], cost, inv_norm, mode, ratio_clip)
+            chunk = _chunk_stats(hidden[sl], weight, bias, target[sl], e_hat, buffers, mode, ratio_clip)
             grads.add(sl, hidden[sl], _logit_grad_(chunk, target[sl], scale[sl]))
             del chunk
         return grads.result()
@@ -442,8 +465,10 @@ def fused_emo_loss(
     num_tokens = hidden.shape[0]
     chunk = chunk_size or default_chunk_size(num_tokens, hidden_size, vocab_size)
     acc = torch.float64 if lm_head_weight.dtype == torch.float64 else torch.float32
-    # Reciprocal row norms of the cost matrix; their dtype is the accumulation dtype of everything chunked.
-    inv_norm = 1.0 / torch.linalg.vector_norm(cost.to(acc), dim=-1).clamp(min=_NORM_EPS)
+    # Normalised once per call (it is V×D, the chunks are C×V); low-precision costs stay low precision so the
+    # similarity matmul runs as fast as the logits one.
+    e_hat_dtype = acc if cost.dtype in (torch.float32, torch.float64) else cost.dtype
+    e_hat = F.normalize(cost.to(acc), dim=-1, eps=_NORM_EPS).to(e_hat_dtype)
     valid = flat_labels != ignore_index
     denominator = _denominator(reduction, valid.sum(), num_items_in_batch)
 
@@ -452,9 +477,9 @@ def fused_emo_loss(
         grad_enabled and t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias)
     )
     per_token = reduction == "none"
-    opts = (mode, ratio_clip, ignore_index, chunk, per_token, grad_flags)
+    opts = (mode, ratio_clip, ignore_index, chunk, per_token, grad_flags, acc)
     loss, mle_sum, emo_sum = _FusedEMOFunction.apply(
-        hidden, lm_head_weight, lm_head_bias, flat_labels, cost, inv_norm, denominator, opts
+        hidden, lm_head_weight, lm_head_bias, flat_labels, e_hat, denominator, opts
     )
     if per_token:
         loss = loss.reshape(labels.shape)
