@@ -318,3 +318,53 @@ def test_refuses_models_that_transform_their_logits(tmp_path):
     trainer = EMOTrainer(model=model, args=_args(tmp_path))
     with pytest.raises(ValueError, match="transforms its logits"):
         trainer.compute_loss(model, _batch(_examples(2)))
+
+
+_DDP_WORKER = """
+import sys, torch
+from transformers import TrainingArguments
+sys.path.insert(0, {tests_dir!r})
+from test_emo_trainer import _args, _examples
+from hf_su.testing import tiny_causal_lm
+from hf_su.trainer.trainer import EMOTrainer
+
+model = tiny_causal_lm("llama", dtype=torch.float64)
+args = _args({out!r}, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1)
+trainer = EMOTrainer(model=model, args=args, train_dataset=_examples(8),
+                     optimizer_cls_and_kwargs=(torch.optim.SGD, {{"lr": {lr}}}))
+trainer.train()
+if trainer.args.process_index == 0:
+    assert trainer.args.world_size == 2
+    torch.save({{"params": dict(model.named_parameters()), "logs": trainer.state.log_history[0]}}, {result!r})
+"""
+
+
+@pytest.mark.distributed
+def test_ddp_two_processes_equal_one_large_batch(tmp_path):
+    """2 ranks × 2 micro-batches × 2 rows (different token counts per rank) give the single-process update of all
+    8 rows: the loss is divided by the global token count and scaled back up for DDP's gradient averaging."""
+    import subprocess
+    import sys
+
+    lr = 0.5
+    worker = tmp_path / "worker.py"
+    result = tmp_path / "result.pt"
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    worker.write_text(_DDP_WORKER.format(tests_dir=tests_dir, out=str(tmp_path / "out"), lr=lr, result=str(result)))
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    rows = _examples(8)
+    model = tiny_causal_lm("llama", dtype=torch.float64).train()
+    ref = _reference_loss(model, _batch(rows), model.get_output_embeddings().weight)
+    ref.backward()
+    got = torch.load(result)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got["params"][name].detach(), p.detach() - lr * p.grad, rtol=1e-9, atol=1e-12)
+    assert got["logs"]["loss"] == pytest.approx(ref.item(), rel=1e-6)
