@@ -100,7 +100,7 @@ class EMOTrainer(Trainer):
         self._cost_embedding: torch.Tensor | None = emo_cost.detach().clone() if torch.is_tensor(emo_cost) else None
 
         base = unwrap_peft_model(self.model)
-        self._decoder, head = _decoder_and_head(base)
+        head = _decoder_and_head(base)[1]  # fail early on models EMO cannot train
         vocab_size = head.weight.shape[0]
         if self._cost_embedding is not None and (
             self._cost_embedding.dim() != 2 or self._cost_embedding.shape[0] != vocab_size
@@ -143,8 +143,8 @@ class EMOTrainer(Trainer):
                 raise ValueError("EMOTrainer needs `labels` (or `shift_labels`) in every training batch")
             shift_labels = F.pad(labels[..., 1:], (0, 1), value=-100)  # position i predicts token i + 1
 
-        hidden, outputs = self._hidden_states(model, inputs)
-        head = _decoder_and_head(unwrap_peft_model(self.accelerator.unwrap_model(model)))[1]
+        decoder, head = _decoder_and_head(unwrap_peft_model(self.accelerator.unwrap_model(model)))
+        hidden, outputs = self._hidden_states(model, decoder, inputs)
         if not self._head_checked:
             self._check_logits_come_from_head(hidden, head, outputs)
         loss, parts = fused_emo_loss(
@@ -169,7 +169,7 @@ class EMOTrainer(Trainer):
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         return (loss, outputs) if return_outputs else loss
 
-    def _hidden_states(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    def _hidden_states(self, model: nn.Module, decoder: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         """Run the (possibly wrapped) model and capture the decoder's final hidden states.
 
         Calling the outer wrapper, not the decoder alone, keeps DDP's gradient synchronisation and PEFT's adapters
@@ -180,7 +180,7 @@ class EMOTrainer(Trainer):
         def capture(_module: nn.Module, _args: Any, output: Any) -> None:
             captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
 
-        handle = self._decoder.register_forward_hook(capture)
+        handle = decoder.register_forward_hook(capture)
         try:
             extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
             outputs = model(**inputs, use_cache=False, **extra)
