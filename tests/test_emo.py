@@ -162,8 +162,9 @@ def test_fused_matches_emo_loss_fp32(mode, reduction, num_items, cost_kind):
 @pytest.mark.parametrize("mode", MODES)
 def test_fused_matches_float64_formula(mode):
     """The handwritten chunk gradient against autograd through the naive float64 formulas."""
-    hidden, weight, bias, cost, labels = _problem(torch.float64)
-    for cost_kind in ("adaptive", "fixed"):
+    hidden, weight, bias, cost, some_ignored = _problem(torch.float64)
+    none_ignored = some_ignored.clamp(min=0)
+    for cost_kind, labels in [("adaptive", some_ignored), ("fixed", some_ignored), ("adaptive", none_ignored)]:
         expected = official_formula_float64(
             hidden @ weight.T + bias, labels, weight.detach() if cost_kind == "adaptive" else cost, mode, "mean", None
         )
@@ -191,8 +192,16 @@ def test_fused_batched_shapes_without_bias_and_scaled_upstream():
     for g, r in zip(grads, ref_grads):
         assert g.shape == r.shape
         _close(g, r, torch.float32)
-    per_token = fused_emo_loss(hidden, weight, labels, reduction="none", chunk_size=4)
-    assert per_token.shape == labels.shape
+    for rows in (labels, labels.clamp(min=0)):  # with and without ignored positions
+        per_token = fused_emo_loss(hidden, weight, rows, reduction="none", chunk_size=4)
+        ref_per_token = emo_loss(hidden @ weight.T, rows, weight, reduction="none")
+        assert per_token.shape == rows.shape
+        _close(per_token, ref_per_token, torch.float32)
+        upstream = torch.rand(rows.shape, generator=gen)
+        grads = torch.autograd.grad((per_token * upstream).sum(), (hidden, weight))
+        ref_grads = torch.autograd.grad((ref_per_token * upstream).sum(), (hidden, weight))
+        for g, r in zip(grads, ref_grads):
+            _close(g, r, torch.float32)
 
 
 def test_fused_frozen_weight_and_no_grad():

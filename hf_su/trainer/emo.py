@@ -296,8 +296,11 @@ class _FusedEMOFunction(torch.autograd.Function):
     per-token upstream gradients must multiply the logit gradients before they are projected (Liger #968)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, e_hat, denominator, opts):
+    def forward(ctx, hidden, weight, bias, labels, e_hat, denominator, kept, opts):
         mode, ratio_clip, ignore_index, chunk_size, per_token, grad_flags, acc = opts
+        full_rows = hidden.shape[0]
+        if kept is not None:  # only these rows count: the others are ignored positions
+            hidden, labels = hidden.index_select(0, kept), labels.index_select(0, kept)
         n = hidden.shape[0]
         valid = labels != ignore_index
         target = torch.where(valid, labels, 0)
@@ -308,7 +311,7 @@ class _FusedEMOFunction(torch.autograd.Function):
         in_forward = not per_token and any(grad_flags)
         if in_forward:
             scale = valid.to(acc) if denominator is None else valid.to(acc) / denominator
-            grads = _Grads(hidden, weight, bias, grad_flags, acc)
+            grads = _Grads(hidden, weight, bias, grad_flags, acc, kept, full_rows)
         buffers = _chunk_buffers(hidden, weight.shape[0], chunk_size, acc)
         for start in range(0, n, chunk_size):
             sl = slice(start, min(start + chunk_size, n))
@@ -326,7 +329,10 @@ class _FusedEMOFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(mle_sum, emo_sum)
         if per_token:
             ctx.opts = opts
-            ctx.save_for_backward(hidden, weight, bias, labels, e_hat)
+            ctx.full_rows = full_rows
+            ctx.save_for_backward(hidden, weight, bias, labels, e_hat, kept)
+            if kept is not None:
+                losses = losses.new_zeros(full_rows).index_copy_(0, kept, losses)
             return losses, mle_sum, emo_sum
         total = losses.sum() if denominator is None else losses.sum() / denominator
         if in_forward:
@@ -340,7 +346,7 @@ class _FusedEMOFunction(torch.autograd.Function):
         else:
             saved = ctx.saved_tensors
             if not saved:
-                return (None,) * 7
+                return (None,) * 8
             grad_hidden, grad_weight, grad_bias = saved
             # The common case is a loss that is not scaled further: skip three full-size multiplications.
             if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
@@ -348,16 +354,17 @@ class _FusedEMOFunction(torch.autograd.Function):
                 grad_hidden, grad_weight, grad_bias = (
                     None if t is None else (t * g).to(t.dtype) for t in (grad_hidden, grad_weight, grad_bias)
                 )
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
     @staticmethod
     def _recompute_grads(ctx, grad_loss):
-        hidden, weight, bias, labels, e_hat = ctx.saved_tensors
+        hidden, weight, bias, labels, e_hat, kept = ctx.saved_tensors
         mode, ratio_clip, ignore_index, chunk_size, _, grad_flags, acc = ctx.opts
         valid = labels != ignore_index
         target = torch.where(valid, labels, 0)
+        grad_loss = grad_loss if kept is None else grad_loss.index_select(0, kept)
         scale = torch.where(valid, grad_loss.to(acc), 0.0)
-        grads = _Grads(hidden, weight, bias, grad_flags, acc)
+        grads = _Grads(hidden, weight, bias, grad_flags, acc, kept, ctx.full_rows)
         n = hidden.shape[0]
         buffers = _chunk_buffers(hidden, weight.shape[0], chunk_size, acc)
         for start in range(0, n, chunk_size):
@@ -370,20 +377,26 @@ class _FusedEMOFunction(torch.autograd.Function):
 
 class _Grads:
     """Accumulates the projections of chunk logit gradients; weight and bias gradients are summed in ``acc``
-    (float32, or float64 for float64 inputs)."""
+    (float32, or float64 for float64 inputs). With ``kept``, chunk rows are the rows ``kept`` of a hidden-state
+    tensor of ``full_rows`` rows whose other rows get zero gradient."""
 
-    def __init__(self, hidden, weight, bias, grad_flags, acc):
+    def __init__(self, hidden, weight, bias, grad_flags, acc, kept, full_rows):
         want_hidden, want_weight, want_bias = grad_flags
-        self.weight, self.acc = weight, acc
+        self.weight, self.acc, self.kept = weight, acc, kept
         self.hidden_dtype, self.weight_dtype = hidden.dtype, weight.dtype
         self.bias_dtype = None if bias is None else bias.dtype
-        self.grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        self.grad_hidden = None
+        if want_hidden:
+            shape = (full_rows, hidden.shape[1])
+            self.grad_hidden = torch.empty_like(hidden) if kept is None else hidden.new_zeros(shape)
         self.grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_weight else None
         self.grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want_bias else None
 
     def add(self, sl: slice, hidden_chunk: torch.Tensor, logit_grad: torch.Tensor) -> None:
-        if self.grad_hidden is not None:
+        if self.grad_hidden is not None and self.kept is None:
             torch.mm(logit_grad.to(self.weight_dtype), self.weight, out=self.grad_hidden[sl])
+        elif self.grad_hidden is not None:
+            self.grad_hidden.index_copy_(0, self.kept[sl], logit_grad.to(self.weight_dtype) @ self.weight)
         if self.grad_weight is not None:
             self.grad_weight.addmm_(logit_grad.T, hidden_chunk.to(self.acc))
         if self.grad_bias is not None:
@@ -462,27 +475,29 @@ def fused_emo_loss(
 
     hidden = hidden_states.reshape(-1, hidden_size)
     flat_labels = labels.reshape(-1)
-    num_tokens = hidden.shape[0]
-    chunk = chunk_size or default_chunk_size(num_tokens, hidden_size, vocab_size)
+    valid = flat_labels != ignore_index
+    num_valid = valid.sum()
+    denominator = _denominator(reduction, num_valid, num_items_in_batch)
+    grad_enabled = torch.is_grad_enabled()
+    grad_flags = tuple(
+        grad_enabled and t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias)
+    )
+    # Ignored positions (padding, prompts) contribute nothing: leave them out of every matmul.
+    kept = None if bool(valid.all()) else valid.nonzero().squeeze(1)
+    chunk = chunk_size or default_chunk_size(max(1, int(num_valid)), hidden_size, vocab_size)
     acc = torch.float64 if lm_head_weight.dtype == torch.float64 else torch.float32
     # Normalised once per call (it is V×D, the chunks are C×V); low-precision costs stay low precision so the
     # similarity matmul runs as fast as the logits one.
     e_hat_dtype = acc if cost.dtype in (torch.float32, torch.float64) else cost.dtype
     e_hat = F.normalize(cost.to(acc), dim=-1, eps=_NORM_EPS).to(e_hat_dtype)
-    valid = flat_labels != ignore_index
-    denominator = _denominator(reduction, valid.sum(), num_items_in_batch)
 
-    grad_enabled = torch.is_grad_enabled()
-    grad_flags = tuple(
-        grad_enabled and t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias)
-    )
     per_token = reduction == "none"
     opts = (mode, ratio_clip, ignore_index, chunk, per_token, grad_flags, acc)
     loss, mle_sum, emo_sum = _FusedEMOFunction.apply(
-        hidden, lm_head_weight, lm_head_bias, flat_labels, e_hat, denominator, opts
+        hidden, lm_head_weight, lm_head_bias, flat_labels, e_hat, denominator, kept, opts
     )
     if per_token:
         loss = loss.reshape(labels.shape)
     if not return_parts:
         return loss
-    return loss, EMOLossParts(mle_sum, emo_sum, valid.sum())
+    return loss, EMOLossParts(mle_sum, emo_sum, num_valid)
