@@ -16,6 +16,9 @@ _LAZY_EXPORTS: dict[str, str] = {
     "embedded_corpus": ".data",
     "deer_rnn": ".modeling.deer",
     "hwfa_config": ".modeling.hwfa",
+    "emo_loss": ".trainer.emo",
+    "fused_emo_loss": ".trainer.emo",
+    "EMOTrainer": ".trainer.trainer",
     "Tiger": ".trainer.tiger",
     "tiger_param_groups": ".trainer.tiger",
     "generate_healed": ".generation.healing",
@@ -43,4 +46,6 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
     from .generation.healing import HealingLogitsProcessor, generate_healed  # noqa: F401
     from .modeling.deer import deer_rnn  # noqa: F401
     from .modeling.hwfa import hwfa_config  # noqa: F401
+    from .trainer.emo import emo_loss, fused_emo_loss  # noqa: F401
     from .trainer.tiger import Tiger, tiger_param_groups  # noqa: F401
+    from .trainer.trainer import EMOTrainer  # noqa: F401
