@@ -316,11 +316,6 @@ def _check_pipeline(backend: Tokenizer) -> None:
             raise ValueError(f"not a BytePiece tokenizer: its {part} differs from the BytePiece pipeline")
 
 
-def build_backend(pieces: Sequence[bytes], scores: Iterable[float]) -> Tokenizer:
-    """The ``tokenizers`` pipeline of a BytePiece model (pieces in id order from id 3, their log-prob scores)."""
-    return _pipeline(_unigram(_unigram_vocab(pieces, scores)))
-
-
 @dataclass(frozen=True)
 class BytePieceVocab:
     """A BytePiece vocabulary in the reference's terms, for code that segments bytes itself (e.g. sampling).
@@ -491,7 +486,9 @@ class BytePieceTokenizerFast(PreTrainedTokenizerFast):
                 raise ValueError(f"token id {token_id} is outside the vocabulary (size {vocab.vocab_size})")
         return b"".join(out)
 
-    def encode_sampled(self, texts: str | list[str], alpha: float = 0.1, seed: int | None = None):
+    def encode_sampled(
+        self, texts: str | list[str], alpha: float = 0.1, seed: int | None = None
+    ) -> list[int] | list[list[int]]:
         """Random segmentations by BytePiece's exact Viterbi sampling (see ``hf_su.tokenization.sampling``).
 
         Args:
@@ -541,11 +538,11 @@ class BytePieceTokenizerFast(PreTrainedTokenizerFast):
     def _encode_plus(self, text: Any, text_pair: Any = None, **kwargs: Any) -> BatchEncoding:
         batched = isinstance(text, (list, tuple))
         texts = text if batched else [text]
-        for item in texts:
-            if isinstance(item, str):
-                _utf8(item)  # a clear error for lone surrogates instead of the backend's "must be str"
         affixes = self._fast_path_affixes(texts, text_pair, kwargs)
         if affixes is None:
+            for item in (*texts, *(text_pair if isinstance(text_pair, (list, tuple)) else [text_pair])):
+                if isinstance(item, str):
+                    _utf8(item)  # a clear error for lone surrogates instead of the backend's "must be str"
             return super()._encode_plus(text, text_pair=text_pair, **kwargs)
         prefix, suffix = affixes
         input_ids = [prefix + ids + suffix for ids in self._raw_ids(texts)]

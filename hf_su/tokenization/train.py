@@ -259,6 +259,7 @@ def _run(fn: Any, tasks: list, workers: int, desc: str, progress: bool, tables: 
             return out
     finally:
         bar.close()
+        _set_tables([])  # do not keep the n-gram tables alive after training
 
 
 def train_bytepiece(
