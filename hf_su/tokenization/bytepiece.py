@@ -365,11 +365,16 @@ class BytePieceTokenizerFast(PreTrainedTokenizerFast):
     padding_side = "right"
 
     def __init__(self, vocab: Sequence[tuple[str, float]] | None = None, **kwargs: Any) -> None:
-        """Args:
-        vocab: the backend Unigram vocabulary ``[(byte-level piece, score), ...]`` in id order, reserved ids
-            first (what ``from_pretrained`` reads from ``tokenizer.json``). Use :meth:`from_bytepiece` for a
-            reference model file. ``tokenizer_object=`` / ``tokenizer_file=`` holding a BytePiece pipeline also work.
-        **kwargs: the usual ``PreTrainedTokenizerFast`` arguments (``add_bos_token``, ``model_max_length``, ...).
+        """Build the tokenizer from its backend Unigram vocabulary (``from_pretrained`` calls this).
+
+        Args:
+            vocab: ``[(byte-level piece, score), ...]`` in id order, reserved ids first (what ``from_pretrained``
+                reads from ``tokenizer.json``). Use :meth:`from_bytepiece` for a reference model file;
+                ``tokenizer_object=`` / ``tokenizer_file=`` holding a BytePiece pipeline also work.
+            **kwargs: the usual ``PreTrainedTokenizerFast`` arguments (``add_bos_token``, ``model_max_length``, ...).
+
+        Raises:
+            ValueError: the vocabulary or pipeline is not a BytePiece one.
         """
         for name, token in zip(("pad_token", "bos_token", "eos_token"), RESERVED_TOKENS, strict=True):
             kwargs.setdefault(name, token)
