@@ -19,6 +19,8 @@ _LAZY_EXPORTS: dict[str, str] = {
     "emo_loss": ".trainer.emo",
     "fused_emo_loss": ".trainer.emo",
     "EMOTrainer": ".trainer.trainer",
+    "BytePieceTokenizerFast": ".tokenization.bytepiece",
+    "train_bytepiece": ".tokenization.train",
     "Tiger": ".trainer.tiger",
     "tiger_param_groups": ".trainer.tiger",
     "generate_healed": ".generation.healing",
@@ -46,6 +48,8 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
     from .generation.healing import HealingLogitsProcessor, generate_healed  # noqa: F401
     from .modeling.deer import deer_rnn  # noqa: F401
     from .modeling.hwfa import hwfa_config  # noqa: F401
+    from .tokenization.bytepiece import BytePieceTokenizerFast  # noqa: F401
+    from .tokenization.train import train_bytepiece  # noqa: F401
     from .trainer.emo import emo_loss, fused_emo_loss  # noqa: F401
     from .trainer.tiger import Tiger, tiger_param_groups  # noqa: F401
     from .trainer.trainer import EMOTrainer  # noqa: F401
