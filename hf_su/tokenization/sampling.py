@@ -24,6 +24,7 @@ tokenizer; this module does not use it.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -42,7 +43,8 @@ __all__ = ["SubwordRegularization", "encode_sampled", "viterbi_sample"]
 _UNK_PENALTY = 10.0
 _HASH_MULT = np.uint64(0x9E3779B97F4A7C15)
 _BLOCK_CHARS = 1 << 19  # characters per vectorised block: bounds memory, keeps arrays cache-friendly
-_NO_CHILD = np.int64(-1)
+_NO_CHILD = -1
+_DENSE_PAIRS_MAX_SYMBOLS = 1024  # below this, depth-2 trie nodes come from a dense (symbol, symbol) table
 
 
 def _backend(tokenizer: Any) -> Any:
@@ -78,9 +80,9 @@ class _Lattice:
     """Edges of a lattice over ``n`` characters: edge ``k`` covers characters ``start[k] : start[k] + length[k]``."""
 
     n: int
-    start: np.ndarray  # int64
-    length: np.ndarray  # int64
-    piece: np.ndarray  # int64 piece id (the unk id on <unk> edges)
+    start: np.ndarray  # int32
+    length: np.ndarray  # int32
+    piece: np.ndarray  # int32 piece id, -1 on <unk> edges
     score: np.ndarray  # float64 log-probability
 
 
@@ -114,15 +116,17 @@ def sample_lattice_paths(
     # starts of segments read log Z = 0 from a dedicated slot: a segment's start is also its predecessor's end
     read = np.where(start == edge_segment_start, n + 1, start)
 
-    order = np.argsort(rel_end.astype(np.uint16) if rel_end.max(initial=0) < 65536 else rel_end, kind="stable")
+    max_rel = int(rel_end.max(initial=0))
+    narrow = np.uint8 if max_rel < 256 else np.uint16 if max_rel < 65536 else rel_end.dtype
+    order = np.argsort(rel_end.astype(narrow), kind="stable")  # a radix sort for 8/16-bit keys
     read, end, weight = read[order], end[order], alpha * lattice.score[order]
     step_ptr = np.concatenate(([0], np.cumsum(np.bincount(rel_end, minlength=2)))).tolist()
 
-    # forward: log Z[e] = logsumexp over edges (s, e) of log Z[s] + weight, one relative position per step for all
-    # segments at once; each edge also gets a Gumbel-perturbed key log Z[s] + weight + G for the backward draw
+    # Forward: log Z[e] = logsumexp over edges (s, e) of log Z[s] + weight, one relative position per step for all
+    # segments at once. Each edge also gets a Gumbel-perturbed key log Z[s] + weight + G for the backward draw; the
+    # largest key at e also stabilises the sum, since it exceeds the largest term by at most a Gumbel's range.
     log_z = np.full(n + 2, -np.inf)
     log_z[n + 1] = 0.0
-    peak = np.full(n + 1, -np.inf)
     total = np.zeros(n + 1)
     key = -np.log(rng.standard_exponential(len(read)))
     best = np.full(n + 1, -np.inf)
@@ -131,22 +135,22 @@ def sample_lattice_paths(
             continue
         e = end[a:b]
         v = log_z[read[a:b]] + weight[a:b]
-        key[a:b] += v
-        np.maximum.at(best, e, key[a:b])
-        np.maximum.at(peak, e, v)
-        m = peak[e]
+        k = key[a:b]
+        k += v
+        np.maximum.at(best, e, k)
+        m = best[e]
         np.add.at(total, e, np.exp(v - m))
         log_z[e] = m + np.log(total[e])
 
     # Gumbel-max: the edge with the largest key at each end is drawn with probability ∝ exp(log Z[start] + weight)
     winner = np.flatnonzero(key == best[end])
-    route = np.empty(n + 1, np.int64)
+    route = np.empty(n + 1, np.int32)
     route[end[winner]] = order[winner]
 
     # read each segment's path backwards from its end
     seg_bounds = np.flatnonzero(cut)
     cur, first = seg_bounds[1:], seg_bounds[:-1]
-    token_at = np.full(n, -1, np.int64)
+    token_at = np.full(n, -1, np.int32)
     while cur.size:
         edge = route[cur]
         s = start[edge]
@@ -169,25 +173,29 @@ class _CompiledUnigram:
             )
         vocab = model["vocab"]
         self.vocab_size = len(vocab)
-        self.scores = np.array([score for _, score in vocab], dtype=np.float64)
+        scores = np.array([score for _, score in vocab], dtype=np.float64)
+        # the last slot scores <unk> edges (piece -1)
+        self.scores = np.append(scores, scores.min(initial=0.0) - _UNK_PENALTY)
         self.unk_id: int | None = model.get("unk_id")
         self.byte_fallback = bool(model.get("byte_fallback", False))
-        self.unk_score = float(self.scores.min(initial=0.0)) - _UNK_PENALTY
-        self.normalizer = backend.normalizer
-        self.pre_tokenizer = backend.pre_tokenizer
         self.byte_ids = {piece: i for i, (piece, _) in enumerate(vocab) if re.fullmatch(r"<0x[0-9A-F]{2}>", piece)}
 
         added = backend.get_added_tokens_decoder()
         self.added_ids = frozenset(added)
-        contents = sorted({tok.content for tok in added.values() if tok.content}, key=len, reverse=True)
-        self.added_pattern = re.compile("|".join(map(re.escape, contents))) if contents else None
+        # tokenizers extracts added tokens before the model: normalized=False ones from the raw text,
+        # normalized=True ones from the normalized text
+        self.raw_added = self._pattern(tok.content for tok in added.values() if not tok.normalized)
+        self.normalized_added = self._pattern(tok.content for tok in added.values() if tok.normalized)
+        normalizer, pre_tokenizer = backend.normalizer, backend.pre_tokenizer
+        self._normalize = None if normalizer is None else normalizer.normalize_str
+        self._pre_tokenize = None if pre_tokenizer is None else pre_tokenizer.pre_tokenize_str
         self._build_trie([piece if i not in self.added_ids else "" for i, (piece, _) in enumerate(vocab)])
 
     def _build_trie(self, pieces: list[str]) -> None:
         alphabet = sorted({ch for piece in pieces for ch in piece})
         self.n_sym = len(alphabet) + 1  # symbol 0: a character that occurs in no piece
         sym_of = {ch: i + 1 for i, ch in enumerate(alphabet)}
-        self.sym_table = np.zeros((ord(alphabet[-1]) if alphabet else 0) + 2, dtype=np.int64)
+        self.sym_table = np.zeros((ord(alphabet[-1]) if alphabet else 0) + 2, dtype=np.int32)
         self.sym_table[[ord(ch) for ch in alphabet]] = np.arange(1, self.n_sym)
 
         children: dict[int, int] = {}
@@ -203,19 +211,27 @@ class _CompiledUnigram:
                 node = child
             if piece and terminal[node] < 0:
                 terminal[node] = piece_id
-        self.terminal = np.array(terminal, dtype=np.int64)
+        self.terminal = np.array(terminal, dtype=np.int32)
 
         keys = np.fromiter(children.keys(), np.int64, len(children))
         values = np.fromiter(children.values(), np.int64, len(children))
         from_root = keys < self.n_sym
-        self.root = np.full(self.n_sym, _NO_CHILD, dtype=np.int64)
+        self.root = np.full(self.n_sym, _NO_CHILD, dtype=np.int32)
         self.root[keys[from_root]] = values[from_root]
+        self.pairs = None
+        if self.n_sym <= _DENSE_PAIRS_MAX_SYMBOLS:
+            parent, sym = np.divmod(keys, self.n_sym)
+            first_sym = np.full(len(terminal), -1, dtype=np.int64)
+            first_sym[self.root[self.root >= 0]] = np.flatnonzero(self.root >= 0)
+            depth2 = first_sym[parent] >= 0
+            self.pairs = np.full(self.n_sym * self.n_sym, _NO_CHILD, dtype=np.int32)
+            self.pairs[first_sym[parent[depth2]] * self.n_sym + sym[depth2]] = values[depth2]
         # open addressing, linear probing, load <= 1/4: one probe almost always settles a look-up
         bits = max(4, int(len(keys) * 4 - 1).bit_length())
         self._shift = np.uint64(64 - bits)
         self._mask = (1 << bits) - 1
         self._keys = np.full(1 << bits, -1, dtype=np.int64)
-        self._values = np.full(1 << bits, _NO_CHILD, dtype=np.int64)
+        self._values = np.full(1 << bits, _NO_CHILD, dtype=np.int32)
         slot = self._hash(keys)
         pending = np.arange(len(keys))
         while pending.size:
@@ -231,7 +247,7 @@ class _CompiledUnigram:
         return ((keys.astype(np.uint64) * _HASH_MULT) >> self._shift).astype(np.int64)
 
     def _children(self, node: np.ndarray, sym: np.ndarray) -> np.ndarray:
-        key = node * self.n_sym + sym
+        key = node.astype(np.int64) * self.n_sym + sym
         slot = self._hash(key)
         found = self._keys[slot]
         child = np.where(found == key, self._values[slot], _NO_CHILD)
@@ -244,18 +260,10 @@ class _CompiledUnigram:
             probing = probing[~hit & (found != -1)]
         return child
 
-    def words(self, text: str) -> list[str]:
-        """The pre-tokenized words of ``text`` exactly as the model sees them."""
-        if self.normalizer is not None:
-            text = self.normalizer.normalize_str(text)
-        if self.pre_tokenizer is None:
-            return [text]
-        return [word for word, _ in self.pre_tokenizer.pre_tokenize_str(text)]
-
     def lattice(self, words: Sequence[str]) -> tuple[_Lattice, np.ndarray]:
         """All vocabulary matches inside each word (plus <unk> edges), and the word boundaries."""
         joined = "".join(words)
-        lengths = np.fromiter(map(len, words), np.int64, len(words))
+        lengths = np.fromiter(map(len, words), np.int32, len(words))
         bounds = np.concatenate(([0], np.cumsum(lengths)))
         n = int(bounds[-1])
         codes = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
@@ -264,8 +272,8 @@ class _CompiledUnigram:
         next_sym = np.append(sym, 0)
         next_sym[bounds[:-1]] = 0
 
-        starts, lens, pieces = [], [], []
-        pos = np.arange(n)
+        starts, pieces = [], []
+        pos = np.arange(n, dtype=np.int32)
         node = self.root[sym]
         depth = 1
         while True:
@@ -277,13 +285,17 @@ class _CompiledUnigram:
             hit = piece >= 0
             starts.append(pos[hit])
             pieces.append(piece[hit])
-            lens.append(np.full(len(starts[-1]), depth, dtype=np.int64))
-            node = self._children(node, next_sym[pos + depth])
+            if depth == 1 and self.pairs is not None:
+                node = self.pairs[sym[pos] * self.n_sym + next_sym[pos + 1]]
+            else:
+                node = self._children(node, next_sym[pos + depth])
             depth += 1
 
+        n_depths = len(starts)
         has_single = np.zeros(n, dtype=bool)
-        has_single[starts[0]] = True
-        uncovered = np.flatnonzero(~has_single) if starts else np.arange(n)
+        if starts:
+            has_single[starts[0]] = True
+        uncovered = np.flatnonzero(~has_single).astype(np.int32)
         if uncovered.size:
             if self.unk_id is None:
                 ch = joined[uncovered[0]]
@@ -292,48 +304,54 @@ class _CompiledUnigram:
                     f"no unk_id: the tokenizer itself cannot encode it"
                 )
             starts.append(uncovered)
-            pieces.append(np.full(uncovered.size, -1, dtype=np.int64))  # -1 marks an <unk> edge
-            lens.append(np.ones(uncovered.size, dtype=np.int64))
-        start = np.concatenate(starts)
+            pieces.append(np.full(uncovered.size, -1, dtype=np.int32))  # -1 marks an <unk> edge
+        depths = [*range(1, n_depths + 1), *([1] if uncovered.size else [])]
+        length = np.repeat(np.array(depths, dtype=np.int32), [len(s) for s in starts])
         piece = np.concatenate(pieces)
-        score = np.where(piece >= 0, self.scores[np.maximum(piece, 0)], self.unk_score)
-        return _Lattice(n, start, np.concatenate(lens), piece, score), bounds
+        return _Lattice(n, np.concatenate(starts), length, piece, self.scores[piece]), bounds
 
-    def sample_words(self, words: Sequence[str], alpha: float, rng: np.random.Generator) -> list[list[int]]:
-        """One sampled segmentation (token ids) per word."""
+    def sample_words(
+        self, words: Sequence[str], alpha: float, rng: np.random.Generator, groups: Sequence[int] | None = None
+    ) -> list[list[int]]:
+        """Sample a segmentation of every word; return the ids of each group of consecutive words (default: each)."""
+        group_ptr = np.arange(len(words) + 1) if groups is None else np.concatenate(([0], np.cumsum(groups)))
         if not words:
-            return []
+            return [[] for _ in range(len(group_ptr) - 1)]
         lattice, bounds = self.lattice(words)
         if lattice.n == 0:
-            return [[] for _ in words]
+            return [[] for _ in range(len(group_ptr) - 1)]
         chosen = sample_lattice_paths(lattice, bounds, alpha, rng)
         token_start = lattice.start[chosen]
         ids = lattice.piece[chosen]
-        splits = np.searchsorted(token_start, bounds)
+        cuts = np.searchsorted(token_start, bounds[group_ptr]).tolist()
         ids_list = ids.tolist()
-        out = [ids_list[a:b] for a, b in zip(splits[:-1].tolist(), splits[1:].tolist())]
+        out = [ids_list[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
         if (ids < 0).any():
-            lengths = lattice.length[chosen].tolist()
-            starts = token_start.tolist()
-            for w, (a, b) in enumerate(zip(splits[:-1].tolist(), splits[1:].tolist())):
-                if any(i < 0 for i in out[w]):
-                    out[w] = self._resolve_unknown(words[w], out[w], starts[a:b], lengths[a:b], int(bounds[w]))
+            joined, starts, lengths = "".join(words), token_start.tolist(), lattice.length[chosen].tolist()
+            bounds_list = bounds.tolist()
+            for g, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+                if any(i < 0 for i in out[g]):
+                    out[g] = self._resolve_unknown(joined, bounds_list, out[g], starts[a:b], lengths[a:b])
         return out
 
     def _resolve_unknown(
-        self, word: str, ids: list[int], starts: list[int], lengths: list[int], offset: int
+        self, joined: str, bounds: list[int], ids: list[int], starts: list[int], lengths: list[int]
     ) -> list[int]:
-        """Replace <unk> edges as tokenizers' Unigram does: consecutive ones fuse, then byte fallback or unk_id."""
+        """Replace <unk> edges as tokenizers' Unigram does: runs inside a word fuse, then byte fallback or unk_id."""
         out: list[int] = []
-        pending = ""
+        pending, pending_word = "", -1
         for i, s, ln in zip(ids, starts, lengths):
-            if i < 0:
-                pending += word[s - offset : s - offset + ln]
+            word = bisect.bisect_right(bounds, s) - 1
+            if i < 0 and pending and word == pending_word:
+                pending += joined[s : s + ln]
                 continue
             if pending:
                 out.extend(self._unknown_ids(pending))
                 pending = ""
-            out.append(i)
+            if i < 0:
+                pending, pending_word = joined[s : s + ln], word
+            else:
+                out.append(i)
         if pending:
             out.extend(self._unknown_ids(pending))
         return out
@@ -345,17 +363,22 @@ class _CompiledUnigram:
                 return byte_ids  # type: ignore[return-value]
         return [self.unk_id]  # type: ignore[list-item]
 
+    @staticmethod
+    def _pattern(contents: Iterable[str]) -> re.Pattern[str] | None:
+        ordered = sorted({c for c in contents if c}, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
     def plan(self, text: str) -> list[str] | None:
-        """The words of ``text`` as the model sees them, or None when the text holds an added token's content."""
-        if self.added_pattern is not None and self.added_pattern.search(text):
+        """The words of ``text`` as the model sees them, or None when the text holds an added token."""
+        if self.raw_added is not None and self.raw_added.search(text):
             return None
-        if self.normalizer is not None:
-            text = self.normalizer.normalize_str(text)
-            if self.added_pattern is not None and self.added_pattern.search(text):
-                return None
-        if self.pre_tokenizer is None:
+        if self._normalize is not None:
+            text = self._normalize(text)
+        if self.normalized_added is not None and self.normalized_added.search(text):
+            return None
+        if self._pre_tokenize is None:
             return [text]
-        return [word for word, _ in self.pre_tokenizer.pre_tokenize_str(text)]
+        return [word for word, _ in self._pre_tokenize(text)]
 
     def words_from_encoding(self, encoding: Any) -> list[int | str]:
         """Split a deterministic encoding into fixed ids (added and special tokens) and words to re-sample."""
@@ -442,18 +465,16 @@ def _encode_many(
 
     def flush() -> None:
         nonlocal block_chars
-        sampled = compiled.sample_words(block_words, alpha, rng)
-        k = 0
-        for index, count in block_texts:
-            ids = [i for word in sampled[k : k + count] for i in word]
+        sampled = compiled.sample_words(block_words, alpha, rng, [count for _, count in block_texts])
+        for (index, _), ids in zip(block_texts, sampled):
             results[index] = prefix + ids + suffix if add_special_tokens else ids
-            k += count
         block_words.clear()
         block_texts.clear()
         block_chars = 0
 
+    plan = compiled.plan
     for index, text in enumerate(texts):
-        words = compiled.plan(text)
+        words = plan(text)
         if words is None:
             encoding = backend.encode(text, add_special_tokens=add_special_tokens)
             items = compiled.words_from_encoding(encoding)
