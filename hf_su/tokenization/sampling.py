@@ -86,16 +86,15 @@ class _Lattice:
     score: np.ndarray  # float64 log-probability
 
 
-def sample_lattice_paths(
-    lattice: _Lattice, boundaries: np.ndarray, alpha: float, rng: np.random.Generator
-) -> np.ndarray:
-    """Draw one path through every independent span of a lattice.
+def sample_lattice_paths(lattice: _Lattice, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """Draw one path from position 0 to ``lattice.n`` with probability ``∝ exp(alpha · Σ score)``.
+
+    Positions that no edge spans split the lattice into independent segments (e.g. words, since no edge crosses a
+    word boundary), each sampled with its own law.
 
     Args:
         lattice: the edges; every character position must be reachable (every character has a length-1 edge).
-        boundaries: sorted positions, starting with 0 and ending with ``lattice.n``, that no edge spans; the path is
-            drawn independently between consecutive boundaries (more cuts are found inside).
-        alpha: inverse temperature ``>= 0``; a path has probability ``∝ exp(alpha · Σ score)``.
+        alpha: inverse temperature ``>= 0``.
         rng: source of randomness.
 
     Returns:
@@ -108,8 +107,7 @@ def sample_lattice_paths(
     spans = np.bincount(start[long_edges] + 1, minlength=n + 2)[: n + 1]
     spans -= np.bincount(end[long_edges], minlength=n + 2)[: n + 1]
     cut = np.cumsum(spans) == 0
-    cut[boundaries] = True
-    positions = np.arange(n + 1)
+    positions = np.arange(n + 1, dtype=np.int32)
     segment_start = np.maximum.accumulate(np.where(cut, positions, 0))
     edge_segment_start = segment_start[start]
     rel_end = end - edge_segment_start
@@ -172,7 +170,6 @@ class _CompiledUnigram:
                 f"{model.get('type')!r}"
             )
         vocab = model["vocab"]
-        self.vocab_size = len(vocab)
         scores = np.array([score for _, score in vocab], dtype=np.float64)
         # the last slot scores <unk> edges (piece -1)
         self.scores = np.append(scores, scores.min(initial=0.0) - _UNK_PENALTY)
@@ -189,6 +186,7 @@ class _CompiledUnigram:
         normalizer, pre_tokenizer = backend.normalizer, backend.pre_tokenizer
         self._normalize = None if normalizer is None else normalizer.normalize_str
         self._pre_tokenize = None if pre_tokenizer is None else pre_tokenizer.pre_tokenize_str
+        self.affixes: tuple[list[int], list[int]] | None = None
         self._build_trie([piece if i not in self.added_ids else "" for i, (piece, _) in enumerate(vocab)])
 
     def _build_trie(self, pieces: list[str]) -> None:
@@ -209,8 +207,8 @@ class _CompiledUnigram:
                     child = children[key] = len(terminal)
                     terminal.append(-1)
                 node = child
-            if piece and terminal[node] < 0:
-                terminal[node] = piece_id
+            if piece:
+                terminal[node] = piece_id  # a duplicated piece takes its last id, as in tokenizers' Unigram
         self.terminal = np.array(terminal, dtype=np.int32)
 
         keys = np.fromiter(children.keys(), np.int64, len(children))
@@ -320,7 +318,7 @@ class _CompiledUnigram:
         lattice, bounds = self.lattice(words)
         if lattice.n == 0:
             return [[] for _ in range(len(group_ptr) - 1)]
-        chosen = sample_lattice_paths(lattice, bounds, alpha, rng)
+        chosen = sample_lattice_paths(lattice, alpha, rng)
         token_start = lattice.start[chosen]
         ids = lattice.piece[chosen]
         cuts = np.searchsorted(token_start, bounds[group_ptr]).tolist()
@@ -430,7 +428,14 @@ def _compiled(backend: Any) -> _CompiledUnigram:
 
 
 def _special_affixes(backend: Any) -> tuple[list[int], list[int]]:
-    """The ids the post-processor puts before and after a single sequence."""
+    """The ids the post-processor puts before and after a single sequence (found once per tokenizer)."""
+    compiled = _compiled(backend)
+    if compiled.affixes is None:
+        compiled.affixes = _probe_affixes(backend)
+    return compiled.affixes
+
+
+def _probe_affixes(backend: Any) -> tuple[list[int], list[int]]:
     for probe in ("a", "0", " ", "x y"):
         try:
             plain = backend.encode(probe, add_special_tokens=False).ids
