@@ -192,6 +192,11 @@ def test_added_and_special_tokens():
             tokenizer.encode("ab ca")
         )
     assert encode_sampled(tokenizer, [text], alpha=-1, add_special_tokens=True) == [tokenizer.encode(text)]
+    bytepiece = _toy_bytepiece()  # special tokens in a byte-level text are kept whole, the rest is re-sampled
+    text = "天气好<eos> ab天气"
+    for seed in range(5):
+        ids = viterbi_sample(bytepiece, text, alpha=0.0, generator=seed)
+        assert ids.count(bytepiece.eos_token_id) == 1 and bytepiece.decode(ids) == text
 
 
 def test_seeded_runs_reproduce_and_seeds_differ():
@@ -223,6 +228,10 @@ def test_errors():
     bpe = Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
     with pytest.raises(ValueError, match="Unigram"):
         viterbi_sample(PreTrainedTokenizerFast(tokenizer_object=bpe), "ab")
+    with pytest.raises(ValueError, match="Unigram"):
+        from hf_su.tokenization import SubwordRegularization
+
+        SubwordRegularization(PreTrainedTokenizerFast(tokenizer_object=bpe))
     no_unk = Tokenizer(models.Unigram([("a", -1.0), ("b", -1.0)], unk_id=None))
     with pytest.raises(ValueError, match="no vocabulary piece"):
         viterbi_sample(no_unk, "abz")
@@ -317,3 +326,14 @@ def test_collator_with_trainer(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": TEXTS}), data_collator=collator)
     result = trainer.train()
     assert math.isfinite(result.training_loss)
+
+
+def test_raw_backend_and_text_without_any_known_character():
+    backend = Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0), ("b", -2.0), ("ab", -2.5)], unk_id=0))
+    backend.decoder = decoders.Fuse()
+    for text in ("zzz", "", "azzb", "abab"):
+        for alpha in (-1.0, 0.0, 1.0):
+            ids = viterbi_sample(backend, text, alpha=alpha, generator=0)
+            assert backend.decode(ids) == backend.decode(backend.encode(text).ids)
+    assert viterbi_sample(backend, "zzz", alpha=0.0, generator=0) == [0]  # one fused <unk>
+    assert encode_sampled(backend, [], alpha=0.1) == []

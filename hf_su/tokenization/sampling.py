@@ -313,11 +313,9 @@ class _CompiledUnigram:
     ) -> list[list[int]]:
         """Sample a segmentation of every word; return the ids of each group of consecutive words (default: each)."""
         group_ptr = np.arange(len(words) + 1) if groups is None else np.concatenate(([0], np.cumsum(groups)))
-        if not words:
+        if not any(words):
             return [[] for _ in range(len(group_ptr) - 1)]
         lattice, bounds = self.lattice(words)
-        if lattice.n == 0:
-            return [[] for _ in range(len(group_ptr) - 1)]
         chosen = sample_lattice_paths(lattice, alpha, rng)
         token_start = lattice.start[chosen]
         ids = lattice.piece[chosen]
