@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from tokenizers import PreTokenizedString
 
 __all__ = ["SubwordRegularization", "encode_sampled", "viterbi_sample"]
 
@@ -183,9 +184,9 @@ class _CompiledUnigram:
         # normalized=True ones from the normalized text
         self.raw_added = self._pattern(tok.content for tok in added.values() if not tok.normalized)
         self.normalized_added = self._pattern(tok.content for tok in added.values() if tok.normalized)
-        normalizer, pre_tokenizer = backend.normalizer, backend.pre_tokenizer
+        normalizer = backend.normalizer
         self._normalize = None if normalizer is None else normalizer.normalize_str
-        self._pre_tokenize = None if pre_tokenizer is None else pre_tokenizer.pre_tokenize_str
+        self._pre_tokenize = None if backend.pre_tokenizer is None else backend.pre_tokenizer.pre_tokenize
         self.affixes: tuple[list[int], list[int]] | None = None
         self._build_trie([piece if i not in self.added_ids else "" for i, (piece, _) in enumerate(vocab)])
 
@@ -374,7 +375,10 @@ class _CompiledUnigram:
             return None
         if self._pre_tokenize is None:
             return [text]
-        return [word for word, _ in self._pre_tokenize(text)]
+        # what pre_tokenize_str does, minus the conversion of offsets to characters we would not use
+        words = PreTokenizedString(text)
+        self._pre_tokenize(words)
+        return [word for word, _, _ in words.get_splits(offset_referential="normalized", offset_type="byte")]
 
     def words_from_encoding(self, encoding: Any) -> list[int | str]:
         """Split a deterministic encoding into fixed ids (added and special tokens) and words to re-sample."""
