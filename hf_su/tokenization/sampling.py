@@ -42,7 +42,6 @@ __all__ = ["SubwordRegularization", "encode_sampled", "viterbi_sample"]
 
 # tokenizers' Unigram gives a character that no piece covers an <unk> node scored min(score) - 10
 _UNK_PENALTY = 10.0
-_HASH_MULT = np.uint64(0x9E3779B97F4A7C15)
 _BLOCK_CHARS = 1 << 19  # characters per vectorised block: bounds memory, keeps arrays cache-friendly
 _NO_CHILD = -1
 _DENSE_PAIRS_MAX_SYMBOLS = 1024  # below this, depth-2 trie nodes come from a dense (symbol, symbol) table
@@ -66,6 +65,11 @@ def _check_alpha(alpha: float) -> float:
     if not math.isfinite(alpha):
         raise ValueError(f"alpha must be finite (alpha < 0 means deterministic encode), got {alpha}")
     return alpha
+
+
+def _check_text(text: Any) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"texts must be str or a sequence of str, got an element of type {type(text).__name__}")
 
 
 def _as_generator(generator: np.random.Generator | int | None) -> np.random.Generator:
@@ -122,29 +126,26 @@ def sample_lattice_paths(lattice: _Lattice, alpha: float, rng: np.random.Generat
     step_ptr = np.concatenate(([0], np.cumsum(np.bincount(rel_end, minlength=2)))).tolist()
 
     # Forward: log Z[e] = logsumexp over edges (s, e) of log Z[s] + weight, one relative position per step for all
-    # segments at once. Each edge also gets a Gumbel-perturbed key log Z[s] + weight + G for the backward draw; the
-    # largest key at e also stabilises the sum, since it exceeds the largest term by at most a Gumbel's range.
+    # segments at once. Backward draw (Gumbel-max): at each e, the edge with the largest log Z[s] + weight + G
+    # (G ~ Gumbel) is chosen, with probability ∝ exp(log Z[s] + weight). All edges into e share a step, so both
+    # happen in the same step; the largest key also stabilises the sum (it exceeds the largest term by about G).
     log_z = np.full(n + 2, -np.inf)
     log_z[n + 1] = 0.0
     total = np.zeros(n + 1)
-    key = -np.log(rng.standard_exponential(len(read)))
     best = np.full(n + 1, -np.inf)
+    route = np.empty(n + 1, np.int32)
     for a, b in zip(step_ptr[1:-1], step_ptr[2:]):
         if a == b:
             continue
         e = end[a:b]
         v = log_z[read[a:b]] + weight[a:b]
-        k = key[a:b]
-        k += v
-        np.maximum.at(best, e, k)
+        key = v - np.log(rng.standard_exponential(b - a))
+        np.maximum.at(best, e, key)
         m = best[e]
+        won = np.flatnonzero(key == m)
+        route[e[won]] = order[a + won]
         np.add.at(total, e, np.exp(v - m))
         log_z[e] = m + np.log(total[e])
-
-    # Gumbel-max: the edge with the largest key at each end is drawn with probability ∝ exp(log Z[start] + weight)
-    winner = np.flatnonzero(key == best[end])
-    route = np.empty(n + 1, np.int32)
-    route[end[winner]] = order[winner]
 
     # read each segment's path backwards from its end
     seg_bounds = np.flatnonzero(cut)
@@ -225,11 +226,16 @@ class _CompiledUnigram:
             depth2 = first_sym[parent] >= 0
             self.pairs = np.full(self.n_sym * self.n_sym, _NO_CHILD, dtype=np.int32)
             self.pairs[first_sym[parent[depth2]] * self.n_sym + sym[depth2]] = values[depth2]
-        # open addressing, linear probing, load <= 1/4: one probe almost always settles a look-up
-        bits = max(4, int(len(keys) * 4 - 1).bit_length())
-        self._shift = np.uint64(64 - bits)
+        # (node, symbol) -> child in an open-addressing table (linear probing, load <= 1/2, Fibonacci hashing),
+        # 32-bit when keys allow it: half the memory traffic of the random look-ups
+        narrow = len(terminal) * self.n_sym < 2**31
+        self._key_dtype, hash_dtype = (np.int32, np.uint32) if narrow else (np.int64, np.uint64)
+        self._hash_mult = hash_dtype(0x9E3779B1 if narrow else 0x9E3779B97F4A7C15)
+        bits = max(4, int(len(keys) * 2 - 1).bit_length())
+        self._hash_dtype, self._shift = hash_dtype, hash_dtype((32 if narrow else 64) - bits)
         self._mask = (1 << bits) - 1
-        self._keys = np.full(1 << bits, -1, dtype=np.int64)
+        keys = keys.astype(self._key_dtype)
+        self._keys = np.full(1 << bits, -1, dtype=self._key_dtype)
         self._values = np.full(1 << bits, _NO_CHILD, dtype=np.int32)
         slot = self._hash(keys)
         pending = np.arange(len(keys))
@@ -243,10 +249,10 @@ class _CompiledUnigram:
             slot[pending] = (slot[pending] + 1) & self._mask
 
     def _hash(self, keys: np.ndarray) -> np.ndarray:
-        return ((keys.astype(np.uint64) * _HASH_MULT) >> self._shift).astype(np.int64)
+        return ((keys.astype(self._hash_dtype) * self._hash_mult) >> self._shift).astype(np.intp)
 
     def _children(self, node: np.ndarray, sym: np.ndarray) -> np.ndarray:
-        key = node.astype(np.int64) * self.n_sym + sym
+        key = node.astype(self._key_dtype) * self._key_dtype(self.n_sym) + sym
         slot = self._hash(key)
         found = self._keys[slot]
         child = np.where(found == key, self._values[slot], _NO_CHILD)
@@ -457,45 +463,46 @@ def _encode_many(
 ) -> list[list[int]]:
     backend = _backend(tokenizer)
     compiled = _compiled(backend)
-    for text in texts:
-        if not isinstance(text, str):
-            raise TypeError(f"texts must be str or a sequence of str, got an element of type {type(text).__name__}")
     if alpha < 0:
+        for text in texts:
+            _check_text(text)
         return [enc.ids for enc in backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
     prefix, suffix = _special_affixes(backend) if add_special_tokens else ([], [])
 
-    results: list[list[int] | None] = [None] * len(texts)
-    # texts whose words go through the vectorised sampler, gathered into blocks of about _BLOCK_CHARS characters
+    results: list[list[int]] = [[] for _ in texts]
+    # texts go through the vectorised sampler in blocks of about _BLOCK_CHARS characters
     block_words: list[str] = []
-    block_texts: list[tuple[int, int]] = []  # (text index, number of words)
+    block_texts: list[int] = []
+    block_counts: list[int] = []
     block_chars = 0
 
     def flush() -> None:
-        nonlocal block_chars
-        sampled = compiled.sample_words(block_words, alpha, rng, [count for _, count in block_texts])
-        for (index, _), ids in zip(block_texts, sampled):
+        for index, ids in zip(block_texts, compiled.sample_words(block_words, alpha, rng, block_counts)):
             results[index] = prefix + ids + suffix if add_special_tokens else ids
         block_words.clear()
         block_texts.clear()
-        block_chars = 0
+        block_counts.clear()
 
     plan = compiled.plan
     for index, text in enumerate(texts):
+        _check_text(text)
         words = plan(text)
-        if words is None:
+        if words is None:  # an added token inside: let tokenizers split it out, re-sample the words around it
             encoding = backend.encode(text, add_special_tokens=add_special_tokens)
             items = compiled.words_from_encoding(encoding)
             sampled = iter(compiled.sample_words([w for w in items if isinstance(w, str)], alpha, rng))
             results[index] = [i for item in items for i in ([item] if isinstance(item, int) else next(sampled))]
             continue
-        block_words.extend(words)
-        block_texts.append((index, len(words)))
-        block_chars += sum(map(len, words))
+        block_words += words
+        block_texts.append(index)
+        block_counts.append(len(words))
+        block_chars += len(text)
         if block_chars >= _BLOCK_CHARS:
             flush()
+            block_chars = 0
     if block_texts:
         flush()
-    return results  # type: ignore[return-value]
+    return results
 
 
 def encode_sampled(
