@@ -73,7 +73,8 @@ def main() -> None:
     tokenizer = bytepiece_tokenizer(MODEL)
     backend = tokenizer.backend_tokenizer
     reference = bytepiece.Tokenizer(MODEL)
-    max_chars = int((0.05 if args.quick else args.max_mb or 1e9) * 1e6)
+    max_mb = 0.05 if args.quick else args.max_mb
+    max_chars = -1 if max_mb is None else int(max_mb * 1e6)  # read(-1): the whole file
     report = Report(
         "Viterbi sampling throughput (alpha = 0.1), 40k BytePiece model",
         columns=[
