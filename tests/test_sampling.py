@@ -281,6 +281,14 @@ def test_transform_resamples_on_every_read_and_reproduces():
     assert _transformed_dataset(alpha=0.0, seed=6)[:]["input_ids"] != reads[0]["input_ids"]
     truncated = _transformed_dataset(alpha=0.0, seed=5, max_length=3)[:]["input_ids"]
     assert all(len(ids) <= 3 for ids in truncated)
+    from hf_su.tokenization import SubwordRegularization
+
+    single = SubwordRegularization(tokenizer, alpha=-1)({"text": TEXTS[0], "label": 0})
+    assert single == {
+        "label": 0,
+        "input_ids": tokenizer.encode(TEXTS[0]),
+        "attention_mask": [1] * len(single["input_ids"]),
+    }
 
 
 def test_dataloader_workers_differ_and_reproduce():

@@ -31,7 +31,7 @@ import os
 import re
 import sys
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -662,20 +662,23 @@ class SubwordRegularization:
         room = None if self.max_length is None else max(self.max_length - len(prefix) - len(suffix), 0)
         return [prefix + (seq if room is None else seq[:room]) + suffix for seq in ids]
 
-    def _texts(self, column: Any) -> list[str]:
-        return [column] if isinstance(column, str) else list(column)
-
-    def __call__(self, batch: dict[str, Any] | Sequence[dict[str, Any]]) -> Any:
+    def __call__(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> Any:
         """Transform a ``datasets`` batch (dict of columns) or collate a list of examples."""
-        if isinstance(batch, dict):
+        if isinstance(batch, Mapping):
             if self.text_column not in batch:
                 raise KeyError(
                     f"column {self.text_column!r} not in batch (columns: {list(batch)}); with Trainer set "
                     f"TrainingArguments(remove_unused_columns=False)"
                 )
-            ids = self.encode(self._texts(batch[self.text_column]))
-            out = {k: v for k, v in batch.items() if k != self.text_column}
-            return out | {"input_ids": ids, "attention_mask": [[1] * len(seq) for seq in ids]}
+            column = batch[self.text_column]
+            ids = self.encode([column] if isinstance(column, str) else list(column))
+            mask = [[1] * len(seq) for seq in ids]
+            if isinstance(column, str):  # a single example rather than a batch
+                ids, mask = ids[0], mask[0]
+            return {k: v for k, v in batch.items() if k != self.text_column} | {
+                "input_ids": ids,
+                "attention_mask": mask,
+            }
         examples = list(batch)
         missing = [i for i, ex in enumerate(examples) if self.text_column not in ex]
         if missing:
