@@ -174,7 +174,7 @@ class _CompiledUnigram:
         vocab = model["vocab"]
         scores = np.array([score for _, score in vocab], dtype=np.float64)
         # the last slot scores <unk> edges (piece -1)
-        self.scores = np.append(scores, scores.min(initial=0.0) - _UNK_PENALTY)
+        self.scores = np.append(scores, (scores.min() if scores.size else 0.0) - _UNK_PENALTY)
         self.unk_id: int | None = model.get("unk_id")
         self.byte_fallback = bool(model.get("byte_fallback", False))
         self.byte_ids = {piece: i for i, (piece, _) in enumerate(vocab) if re.fullmatch(r"<0x[0-9A-F]{2}>", piece)}
