@@ -295,15 +295,17 @@ def test_dataloader_workers_differ_and_reproduce():
     import torch
     from torch.utils.data import DataLoader
 
-    def run() -> list[list[int]]:
+    def run() -> list[list[list[int]]]:
         torch.manual_seed(0)  # Trainer seeds torch; worker seeds derive from it
         dataset = _transformed_dataset(alpha=0.0, seed=11)
         loader = DataLoader([0] * 4, batch_size=1, num_workers=2, collate_fn=lambda idx: dataset[0]["input_ids"])
-        return list(loader)  # worker 0 reads batches 0 and 2, worker 1 reads batches 1 and 3
+        return [list(loader) for _epoch in range(2)]  # worker 0 reads batches 0 and 2, worker 1 batches 1 and 3
 
     first = run()
     assert first == run()
-    assert first[0] != first[1]  # same example, same step, different workers: different streams
+    epoch1, epoch2 = first
+    assert epoch1[0] != epoch1[1]  # same example, same step, different workers: different streams
+    assert epoch1 != epoch2  # fresh worker processes each epoch still draw new segmentations
 
 
 def test_collator_with_trainer(tmp_path):
