@@ -43,8 +43,6 @@ __all__ = ["SubwordRegularization", "encode_sampled", "viterbi_sample"]
 # tokenizers' Unigram gives a character that no piece covers an <unk> node scored min(score) - 10
 _UNK_PENALTY = 10.0
 _BLOCK_CHARS = 1 << 19  # characters per vectorised block: bounds memory, keeps arrays cache-friendly
-_NO_CHILD = -1
-_DENSE_PAIRS_MAX_SYMBOLS = 1024  # below this, depth-2 trie nodes come from a dense (symbol, symbol) table
 
 
 def _backend(tokenizer: Any) -> Any:
@@ -78,6 +76,64 @@ def _as_generator(generator: np.random.Generator | int | None) -> np.random.Gene
     if generator is None or (isinstance(generator, (int, np.integer)) and not isinstance(generator, bool)):
         return np.random.default_rng(generator)
     raise TypeError(f"generator must be a numpy.random.Generator, an int seed or None, got {type(generator).__name__}")
+
+
+def _double_array(children: list[dict[int, int]], n_sym: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lay a trie out as a double array, so one vectorised trie step is two look-ups.
+
+    The child of the node in slot ``u`` by symbol ``c >= 1`` sits in slot ``base[u] + c`` and exists iff
+    ``check[base[u] + c] == u``. Nodes are placed breadth-first, each at the first base where its children fit
+    (a node with several children tries a few free slots, then takes fresh space at the end).
+
+    Args:
+        children: for every node (root: 0), its children by symbol.
+        n_sym: symbols are ``1 .. n_sym - 1``.
+
+    Returns:
+        ``base`` and ``check`` indexed by slot (every ``base + symbol`` is a valid index), and each node's slot.
+    """
+    slot = [0] * len(children)
+    base = [0] * len(children)
+    check = [-1] * (len(children) + n_sym)
+    hint = list(range(len(check)))  # hint[i] <= the first free slot >= i (union-find with path halving)
+
+    def grow(size: int) -> None:
+        hint.extend(range(len(check), size))
+        check.extend([-1] * (size - len(check)))
+
+    def first_free(i: int) -> int:
+        while True:
+            if i >= len(check):
+                grow(i + n_sym)
+            if check[i] == -1:
+                return i
+            hint[i] = hint[hint[i]] if hint[i] < len(hint) else hint[i]
+            i = max(hint[i], i + 1)
+
+    queue = [0]
+    for node in queue:  # appended to while walked: breadth-first order
+        if not children[node]:
+            continue
+        syms = sorted(children[node])
+        lowest, rest = syms[0], syms[1:]
+        start, tries = first_free(lowest), 0  # the slot of the lowest child
+        while not all(start - lowest + c >= len(check) or check[start - lowest + c] == -1 for c in rest):
+            tries += 1
+            start = first_free(start + 1) if tries < 32 else len(check) + lowest
+        offset = base[node] = start - lowest
+        grow(max(len(check), offset + syms[-1] + 1))
+        for c in syms:
+            child = children[node][c]
+            slot[child] = offset + c
+            check[offset + c] = slot[node]
+            hint[offset + c] = offset + c + 1
+            queue.append(child)
+    check[0] = -2  # the root is nobody's child
+    base_by_slot = np.zeros(len(check), dtype=np.int32)
+    base_by_slot[slot] = base
+    check_array = np.full(max(len(check), max(base) + n_sym), -1, dtype=np.int32)
+    check_array[: len(check)] = check
+    return base_by_slot, check_array, np.array(slot, dtype=np.int64)
 
 
 @dataclass
@@ -198,72 +254,23 @@ class _CompiledUnigram:
         self.sym_table = np.zeros((ord(alphabet[-1]) if alphabet else 0) + 2, dtype=np.int32)
         self.sym_table[[ord(ch) for ch in alphabet]] = np.arange(1, self.n_sym)
 
-        children: dict[int, int] = {}
+        children: list[dict[int, int]] = [{}]
         terminal = [-1]
         for piece_id, piece in enumerate(pieces):
             node = 0
             for ch in piece:
-                key = node * self.n_sym + sym_of[ch]
-                child = children.get(key)
+                sym = sym_of[ch]
+                child = children[node].get(sym)
                 if child is None:
-                    child = children[key] = len(terminal)
+                    child = children[node][sym] = len(terminal)
+                    children.append({})
                     terminal.append(-1)
                 node = child
             if piece:
                 terminal[node] = piece_id  # a duplicated piece takes its last id, as in tokenizers' Unigram
-        self.terminal = np.array(terminal, dtype=np.int32)
-
-        keys = np.fromiter(children.keys(), np.int64, len(children))
-        values = np.fromiter(children.values(), np.int64, len(children))
-        from_root = keys < self.n_sym
-        self.root = np.full(self.n_sym, _NO_CHILD, dtype=np.int32)
-        self.root[keys[from_root]] = values[from_root]
-        self.pairs = None
-        if self.n_sym <= _DENSE_PAIRS_MAX_SYMBOLS:
-            parent, sym = np.divmod(keys, self.n_sym)
-            first_sym = np.full(len(terminal), -1, dtype=np.int64)
-            first_sym[self.root[self.root >= 0]] = np.flatnonzero(self.root >= 0)
-            depth2 = first_sym[parent] >= 0
-            self.pairs = np.full(self.n_sym * self.n_sym, _NO_CHILD, dtype=np.int32)
-            self.pairs[first_sym[parent[depth2]] * self.n_sym + sym[depth2]] = values[depth2]
-        # (node, symbol) -> child in an open-addressing table (linear probing, load <= 1/2, Fibonacci hashing),
-        # 32-bit when keys allow it: half the memory traffic of the random look-ups
-        narrow = len(terminal) * self.n_sym < 2**31
-        self._key_dtype, hash_dtype = (np.int32, np.uint32) if narrow else (np.int64, np.uint64)
-        self._hash_mult = hash_dtype(0x9E3779B1 if narrow else 0x9E3779B97F4A7C15)
-        bits = max(4, int(len(keys) * 2 - 1).bit_length())
-        self._hash_dtype, self._shift = hash_dtype, hash_dtype((32 if narrow else 64) - bits)
-        self._mask = (1 << bits) - 1
-        keys = keys.astype(self._key_dtype)
-        self._keys = np.full(1 << bits, -1, dtype=self._key_dtype)
-        self._values = np.full(1 << bits, _NO_CHILD, dtype=np.int32)
-        slot = self._hash(keys)
-        pending = np.arange(len(keys))
-        while pending.size:
-            free = self._keys[slot[pending]] == -1
-            _, first = np.unique(slot[pending[free]], return_index=True)
-            placed = pending[free][first]
-            self._keys[slot[placed]] = keys[placed]
-            self._values[slot[placed]] = values[placed]
-            pending = np.setdiff1d(pending, placed, assume_unique=True)
-            slot[pending] = (slot[pending] + 1) & self._mask
-
-    def _hash(self, keys: np.ndarray) -> np.ndarray:
-        return ((keys.astype(self._hash_dtype) * self._hash_mult) >> self._shift).astype(np.intp)
-
-    def _children(self, node: np.ndarray, sym: np.ndarray) -> np.ndarray:
-        key = node.astype(self._key_dtype) * self._key_dtype(self.n_sym) + sym
-        slot = self._hash(key)
-        found = self._keys[slot]
-        child = np.where(found == key, self._values[slot], _NO_CHILD)
-        probing = np.flatnonzero((found != key) & (found != -1))
-        while probing.size:
-            slot[probing] = (slot[probing] + 1) & self._mask
-            found = self._keys[slot[probing]]
-            hit = found == key[probing]
-            child[probing[hit]] = self._values[slot[probing[hit]]]
-            probing = probing[~hit & (found != -1)]
-        return child
+        self._base, self._check, slot = _double_array(children, self.n_sym)
+        self._terminal = np.full(len(self._check), -1, dtype=np.int32)
+        self._terminal[slot] = terminal
 
     def lattice(self, words: Sequence[str]) -> tuple[_Lattice, np.ndarray]:
         """All vocabulary matches inside each word (plus <unk> edges), and the word boundaries."""
@@ -277,24 +284,20 @@ class _CompiledUnigram:
         next_sym = np.append(sym, 0)
         next_sym[bounds[:-1]] = 0
 
+        # walk the trie from every position at once: one vectorised step per character of depth
         starts, pieces = [], []
         pos = np.arange(n, dtype=np.int32)
-        node = self.root[sym]
-        depth = 1
-        while True:
-            alive = node >= 0
-            pos, node = pos[alive], node[alive]
-            if not pos.size:
-                break
-            piece = self.terminal[node]
+        node = np.zeros(n, dtype=np.int32)
+        depth = 0
+        while pos.size:
+            child = self._base[node] + (sym[pos] if depth == 0 else next_sym[pos + depth])
+            alive = self._check[child] == node
+            pos, node = pos[alive], child[alive]
+            depth += 1
+            piece = self._terminal[node]
             hit = piece >= 0
             starts.append(pos[hit])
             pieces.append(piece[hit])
-            if depth == 1 and self.pairs is not None:
-                node = self.pairs[sym[pos] * self.n_sym + next_sym[pos + 1]]
-            else:
-                node = self._children(node, next_sym[pos + depth])
-            depth += 1
 
         n_depths = len(starts)
         has_single = np.zeros(n, dtype=bool)
