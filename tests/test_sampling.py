@@ -350,3 +350,31 @@ def test_raw_backend_and_text_without_any_known_character():
             assert backend.decode(ids) == backend.decode(backend.encode(text).ids)
     assert viterbi_sample(backend, "zzz", alpha=0.0, generator=0) == [0]  # one fused <unk>
     assert encode_sampled(backend, [], alpha=0.1) == []
+
+
+def test_lattice_has_exactly_the_vocabulary_matches_on_a_large_alphabet():
+    """The vectorised trie (double array) finds every piece occurrence and nothing else."""
+    from hf_su.tokenization.sampling import _compiled
+
+    rng = np.random.default_rng(0)
+    alphabet = [chr(0x4E00 + i) for i in rng.choice(20_000, size=400, replace=False)] + list("abc▁")
+    pieces = {"".join(rng.choice(alphabet, size=rng.integers(1, 6))) for _ in range(6000)} | set(alphabet[:300])
+    vocab = [("<unk>", 0.0), *((p, -float(rng.uniform(1, 12))) for p in sorted(pieces))]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=0))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    ids = {piece: i for i, (piece, _) in enumerate(vocab)}
+    words = ["".join(rng.choice(alphabet, size=rng.integers(1, 30))) for _ in range(300)]
+    lattice, bounds = _compiled(backend).lattice(words)
+    offsets = dict(zip(range(len(words)), bounds.tolist()))
+    expected = {
+        (offsets[w] + i, k, ids[word[i : i + k]])
+        for w, word in enumerate(words)
+        for i in range(len(word))
+        for k in range(1, 6)
+        if i + k <= len(word) and word[i : i + k] in ids
+    }
+    found = set(zip(lattice.start.tolist(), lattice.length.tolist(), lattice.piece.tolist()))
+    unknown = {edge for edge in found if edge[2] == -1}
+    assert found - unknown == expected
+    assert unknown == {(p, 1, -1) for p, ch in enumerate("".join(words)) if ch not in ids}  # <unk> edges
+    assert unknown and len(expected) > 3 * len(words)
