@@ -488,7 +488,8 @@ def _encode_many(
 
     plan = compiled.plan
     for index, text in enumerate(texts):
-        _check_text(text)
+        if not isinstance(text, str):
+            _check_text(text)
         words = plan(text)
         if words is None:  # an added token inside: let tokenizers split it out, re-sample the words around it
             encoding = backend.encode(text, add_special_tokens=add_special_tokens)
