@@ -65,9 +65,8 @@ def _check_alpha(alpha: float) -> float:
     return alpha
 
 
-def _check_text(text: Any) -> None:
-    if not isinstance(text, str):
-        raise TypeError(f"texts must be str or a sequence of str, got an element of type {type(text).__name__}")
+def _text_type_error(text: Any) -> TypeError:
+    return TypeError(f"texts must be str or a sequence of str, got an element of type {type(text).__name__}")
 
 
 def _as_generator(generator: np.random.Generator | int | None) -> np.random.Generator:
@@ -468,7 +467,8 @@ def _encode_many(
     compiled = _compiled(backend)
     if alpha < 0:
         for text in texts:
-            _check_text(text)
+            if not isinstance(text, str):
+                raise _text_type_error(text)
         return [enc.ids for enc in backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
     prefix, suffix = _special_affixes(backend) if add_special_tokens else ([], [])
 
@@ -489,7 +489,7 @@ def _encode_many(
     plan = compiled.plan
     for index, text in enumerate(texts):
         if not isinstance(text, str):
-            _check_text(text)
+            raise _text_type_error(text)
         words = plan(text)
         if words is None:  # an added token inside: let tokenizers split it out, re-sample the words around it
             encoding = backend.encode(text, add_special_tokens=add_special_tokens)
