@@ -224,6 +224,9 @@ def test_errors():
         viterbi_sample(tokenizer, "ab", alpha="0.1")
     with pytest.raises(TypeError, match="text"):
         viterbi_sample(tokenizer, b"ab")
+    for alpha in (0.1, -1.0):
+        with pytest.raises(TypeError, match="texts must be str"):
+            encode_sampled(tokenizer, ["ab", 3], alpha=alpha)
     with pytest.raises(TypeError, match="generator"):
         viterbi_sample(tokenizer, "ab", generator=np.random.RandomState(0))
     with pytest.raises(TypeError, match="fast tokenizer"):
