@@ -11,7 +11,8 @@ with an unlimited n-best list. Conventions follow bytepiece: ``alpha < 0`` is th
 
 The sampler runs on the tokenizer's own lattice. Text goes through the backend's normalizer and pre-tokenizer;
 the vocabulary (pieces and log-probabilities) comes from the backend's JSON, compiled once per tokenizer into a
-trie stored as a hash table so all matches of a batch are found with vectorised NumPy look-ups. Sampling is
+double-array trie, so all matches of a batch are found with vectorised NumPy look-ups (one step per character of
+depth, from every position at once). Sampling is
 forward filtering / backward sampling: ``log Z`` of every lattice position by a log-sum-exp recursion, then at every
 position one incoming edge is drawn with probability ``exp(log Z[start] + α·score − log Z[end])`` (Gumbel-max,
 all positions at once), and the path is read back from each end. Positions that no multi-character edge spans
