@@ -381,3 +381,16 @@ def test_lattice_has_exactly_the_vocabulary_matches_on_a_large_alphabet():
     assert found - unknown == expected
     assert unknown == {(p, 1, -1) for p, ch in enumerate("".join(words)) if ch not in ids}  # <unk> edges
     assert unknown and len(expected) > 3 * len(words)
+
+
+def test_texts_larger_than_a_block_are_sampled_in_pieces(monkeypatch):
+    from hf_su.tokenization import sampling
+
+    monkeypatch.setattr(sampling, "_BLOCK_CHARS", 16)
+    tokenizer = sentencepiece_tokenizer(eos=True)
+    texts = ["ab " * 40 + "cab", "ba", "abc abc " * 9]
+    for alpha in (0.0, 1.0):
+        sampled = encode_sampled(tokenizer, texts, alpha=alpha, seed=3, add_special_tokens=True)
+        assert sampled == encode_sampled(tokenizer, texts, alpha=alpha, seed=3, add_special_tokens=True)
+        assert [tokenizer.decode(ids) for ids in sampled] == [tokenizer.decode(tokenizer.encode(t)) for t in texts]
+        assert all(ids.count(tokenizer.eos_token_id) == 1 and ids[-1] == tokenizer.eos_token_id for ids in sampled)

@@ -461,6 +461,16 @@ def _probe_affixes(backend: Any) -> tuple[list[int], list[int]]:
     raise ValueError("could not determine where the tokenizer's post-processor adds its special tokens")
 
 
+def _split_words(words: list[str], size: int) -> list[list[str]]:
+    """Consecutive runs of whole words of about ``size`` characters (a huge text is sampled in pieces)."""
+    if not words:
+        return [words]
+    ends = np.cumsum(np.fromiter(map(len, words), np.int64, len(words)))
+    cuts = np.unique(np.searchsorted(ends, np.arange(size, ends[-1], size), side="right")).tolist()
+    bounds = [0, *cuts, len(words)]
+    return [words[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
 def _encode_many(
     tokenizer: Any, texts: Sequence[str], alpha: float, rng: np.random.Generator, add_special_tokens: bool
 ) -> list[list[int]]:
@@ -474,7 +484,8 @@ def _encode_many(
     prefix, suffix = _special_affixes(backend) if add_special_tokens else ([], [])
 
     results: list[list[int]] = [[] for _ in texts]
-    # texts go through the vectorised sampler in blocks of about _BLOCK_CHARS characters
+    whole: set[int] = set()  # texts encoded by tokenizers first (added tokens inside), special tokens included
+    # words go through the vectorised sampler in blocks of about _BLOCK_CHARS characters
     block_words: list[str] = []
     block_texts: list[int] = []
     block_counts: list[int] = []
@@ -482,7 +493,7 @@ def _encode_many(
 
     def flush() -> None:
         for index, ids in zip(block_texts, compiled.sample_words(block_words, alpha, rng, block_counts)):
-            results[index] = prefix + ids + suffix if add_special_tokens else ids
+            results[index] += ids
         block_words.clear()
         block_texts.clear()
         block_counts.clear()
@@ -497,16 +508,21 @@ def _encode_many(
             items = compiled.words_from_encoding(encoding)
             sampled = iter(compiled.sample_words([w for w in items if isinstance(w, str)], alpha, rng))
             results[index] = [i for item in items for i in ([item] if isinstance(item, int) else next(sampled))]
+            whole.add(index)
             continue
-        block_words += words
-        block_texts.append(index)
-        block_counts.append(len(words))
-        block_chars += len(text)
-        if block_chars >= _BLOCK_CHARS:
-            flush()
-            block_chars = 0
+        parts = [words] if len(text) <= _BLOCK_CHARS else _split_words(words, _BLOCK_CHARS)
+        for part in parts:
+            block_words += part
+            block_texts.append(index)
+            block_counts.append(len(part))
+            block_chars += len(text) if len(parts) == 1 else _BLOCK_CHARS
+            if block_chars >= _BLOCK_CHARS:
+                flush()
+                block_chars = 0
     if block_texts:
         flush()
+    if add_special_tokens:
+        results = [ids if index in whole else prefix + ids + suffix for index, ids in enumerate(results)]
     return results
 
 
