@@ -195,6 +195,10 @@ def test_added_and_special_tokens():
             tokenizer.encode("ab ca")
         )
     assert encode_sampled(tokenizer, [text], alpha=-1, add_special_tokens=True) == [tokenizer.encode(text)]
+    fallback = sentencepiece_tokenizer(byte_fallback=True, eos=True)
+    for text in ("é</s>abé xé", "zz</s></s>"):
+        ids = viterbi_sample(fallback, text, alpha=0.0, generator=1)
+        assert fallback.decode(ids) == fallback.decode(fallback.encode(text, add_special_tokens=False))
     bytepiece = _toy_bytepiece()  # special tokens in a byte-level text are kept whole, the rest is re-sampled
     text = "天气好<eos> ab天气"
     for seed in range(5):
