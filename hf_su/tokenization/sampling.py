@@ -43,7 +43,7 @@ __all__ = ["SubwordRegularization", "encode_sampled", "viterbi_sample"]
 
 # tokenizers' Unigram gives a character that no piece covers an <unk> node scored min(score) - 10
 _UNK_PENALTY = 10.0
-_BLOCK_CHARS = 1 << 19  # characters per vectorised block: bounds memory, keeps arrays cache-friendly
+_BLOCK_CHARS = 1 << 17  # characters per vectorised block: bounds memory, keeps arrays cache-resident
 
 
 def _backend(tokenizer: Any) -> Any:
