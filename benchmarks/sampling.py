@@ -1,0 +1,140 @@
+"""Viterbi sampling throughput: ours vs HF's deterministic Unigram encode and the reference bytepiece sampler.
+
+Targets (issue 8): sampling (alpha = 0.1) >= 0.5x our deterministic encode (HF's Rust Unigram, ``encode_batch``)
+and >= 1.0x the reference package's ``bytepiece.Tokenizer(model).encode(text, alpha=0.1)``, on the shared corpora
+with the shared 40k BytePiece model. Texts are the corpus lines (newlines kept), the unit BytePiece itself
+segments, and documents of >= 4 KB of consecutive lines (a typical training example); every method gets the same
+list of texts.
+
+    flock /tmp/hf_su_bench.lock env PYTHONPATH=$PWD python -m benchmarks.sampling --reps 3 --warmup 1
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import statistics
+
+from benchmarks.harness import Report, bench_parser, time_fn
+
+DATA = "/work/shared/data"
+MODEL = os.path.join(DATA, "bytepiece.plus.40k.model")
+CORPORA = {"kexue_zh": os.path.join(DATA, "kexue_zh.txt"), "kexue_en": os.path.join(DATA, "kexue_en.txt")}
+
+
+def bytepiece_tokenizer(path: str):
+    """The BytePiece model at ``path`` as an HF fast tokenizer (DESIGN.md's byte-level Unigram recipe)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    with open(path, encoding="utf-8") as f:
+        counts = {base64.b64decode(key): value[2] for key, value in json.load(f).items()}
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    b2u = {b: chr(b) for b in printable}
+    for b in range(256):
+        b2u.setdefault(b, chr(256 + sum(1 for c in range(b) if c not in printable)))
+    log_total = math.log(sum(counts.values()))
+    vocab = [("<pad>", 0.0), ("<bos>", 0.0), ("<eos>", 0.0)]
+    for piece, count in sorted(counts.items(), key=lambda kv: (len(kv[0]), kv[0])):
+        vocab.append(("".join(b2u[b] for b in piece), math.log(count) - log_total))
+    backend = Tokenizer(models.Unigram(vocab, unk_id=None))
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r".*\n+|.+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
+def documents(lines: list[str], size: int) -> list[str]:
+    """Consecutive lines joined into texts of at least ``size`` characters (the last may be shorter)."""
+    docs, current, length = [], [], 0
+    for line in lines:
+        current.append(line)
+        length += len(line)
+        if length >= size:
+            docs.append("".join(current))
+            current, length = [], 0
+    return docs + (["".join(current)] if current else [])
+
+
+def interleaved(fns, *, warmup: int, reps: int) -> list[float]:
+    """Median seconds of each function, timed in alternating rounds so load changes hit all of them alike."""
+    for fn in fns:
+        time_fn(fn, warmup=warmup, reps=1)
+    rounds = [[time_fn(fn, warmup=0, reps=1).median for fn in fns] for _ in range(reps)]
+    return [statistics.median(column) for column in zip(*rounds)]
+
+
+def main() -> None:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--max-mb", type=float, default=None, help="use at most this many MB of each corpus")
+    args = parser.parse_args()
+    import bytepiece
+
+    from hf_su.tokenization.sampling import encode_sampled
+
+    tokenizer = bytepiece_tokenizer(MODEL)
+    backend = tokenizer.backend_tokenizer
+    reference = bytepiece.Tokenizer(MODEL)
+    max_mb = 0.05 if args.quick else args.max_mb
+    max_chars = -1 if max_mb is None else int(max_mb * 1e6)  # read(-1): the whole file
+    report = Report(
+        "Viterbi sampling throughput (alpha = 0.1), 40k BytePiece model",
+        columns=[
+            "corpus",
+            "texts",
+            "MB",
+            "ours MB/s",
+            "HF encode MB/s",
+            "bytepiece sample MB/s",
+            "vs HF",
+            "vs bytepiece",
+        ],
+    )
+    for name, path in CORPORA.items():
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            lines = f.read(max_chars).splitlines(keepends=True)
+        for unit, texts in (("lines", lines), ("4 KB docs", documents(lines, 4096))):
+            mb = sum(len(text.encode()) for text in texts) / 1e6
+            encode_sampled(tokenizer, texts[:10], alpha=0.1, seed=0)  # compile the vocabulary outside the timing
+
+            def ours(texts=texts):
+                return encode_sampled(tokenizer, texts, alpha=0.1, seed=0)
+
+            def hf(texts=texts):
+                return backend.encode_batch(texts, add_special_tokens=False)
+
+            def ref(texts=texts):
+                return [reference.encode(text, alpha=0.1) for text in texts]
+
+            t_ours, t_hf, t_ref = interleaved((ours, hf, ref), warmup=args.warmup, reps=args.reps)
+            report.add(
+                corpus=name,
+                texts=f"{len(texts)} {unit}",
+                MB=mb,
+                **{
+                    "ours MB/s": mb / t_ours,
+                    "HF encode MB/s": mb / t_hf,
+                    "bytepiece sample MB/s": mb / t_ref,
+                    "vs HF": t_hf / t_ours,
+                    "vs bytepiece": t_ref / t_ours,
+                },
+            )
+    report.notes.append(
+        "Throughput = corpus bytes / median wall time over rounds that alternate the three methods; ratios are ours / baseline throughput (targets: vs HF >= 0.5, "
+        "vs bytepiece >= 1.0). HF encode_batch uses all cores (Rust threads); ours and bytepiece use one. "
+        "Shared machine: other jobs ran at the same time; ratios come from one run."
+    )
+    report.emit(args.json)
+
+
+if __name__ == "__main__":
+    main()
