@@ -6,8 +6,9 @@ access to a name imports the module that defines it.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ _LAZY_EXPORTS: dict[str, str] = {
     "EMOTrainer": ".trainer.trainer",
     "BytePieceTokenizerFast": ".tokenization.bytepiece",
     "train_bytepiece": ".tokenization.train",
+    "viterbi_sample": ".tokenization.sampling",
     "Tiger": ".trainer.tiger",
     "tiger_param_groups": ".trainer.tiger",
     "generate_healed": ".generation.healing",
@@ -30,17 +32,7 @@ _LAZY_EXPORTS: dict[str, str] = {
 __all__ = ["__version__", *_LAZY_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _LAZY_EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'hf_su' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name, __name__), name)
-    globals()[name] = value  # later accesses skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY_EXPORTS)
 
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
@@ -49,6 +41,7 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
     from .modeling.deer import deer_rnn  # noqa: F401
     from .modeling.hwfa import hwfa_config  # noqa: F401
     from .tokenization.bytepiece import BytePieceTokenizerFast  # noqa: F401
+    from .tokenization.sampling import viterbi_sample  # noqa: F401
     from .tokenization.train import train_bytepiece  # noqa: F401
     from .trainer.emo import emo_loss, fused_emo_loss  # noqa: F401
     from .trainer.tiger import Tiger, tiger_param_groups  # noqa: F401

@@ -295,15 +295,16 @@ def test_datasets_map_batched(tok):
     assert mapped["input_ids"] == [tok.encode(t) for t in TEXTS.values()]
 
 
-def test_encode_sampled_delegates_to_sampling_module(tok):
-    try:
-        import hf_su.tokenization.sampling  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError):
-            tok.encode_sampled("abc")
-        return
-    ids = tok.encode_sampled(["abc 中文", "x"], alpha=0.1, seed=0)
-    assert [tok.decode(i) for i in ids] == ["abc 中文", "x"]
+def test_encode_sampled_on_the_adapter(tok):
+    texts = ["abc 中文 abcabc", "x", "科学空间 scientific spaces\n"]
+    # alpha < 0 is the deterministic segmentation, a str gives one list
+    assert tok.encode_sampled(texts, alpha=-1) == [tok.encode(t) for t in texts]
+    assert tok.encode_sampled(texts[0], alpha=-1) == tok.encode(texts[0])
+    # sampled segmentations decode to the same text, vary with the seed, and repeat for a fixed seed
+    draws = [tuple(tok.encode_sampled(texts[2], alpha=0.0, seed=seed)) for seed in range(20)]
+    assert all(tok.decode(list(d)) == texts[2] for d in draws)
+    assert len(set(draws)) > 1
+    assert tok.encode_sampled(texts, alpha=0.1, seed=3) == tok.encode_sampled(texts, alpha=0.1, seed=3)
 
 
 # --- errors ------------------------------------------------------------------------------------------------------
