@@ -64,7 +64,152 @@ def _add_env(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_cmd_env)
 
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_env]
+def _fail(message: str) -> int:
+    print(f"hf-su: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Train a causal LM with EMOTrainer (+ Tiger) on the embedded corpus or your text, and save it."""
+    from .pipeline import PipelineError, TrainSettings, train_causal_lm
+
+    settings = TrainSettings(
+        output_dir=args.output_dir,
+        data=tuple(args.data or ()),
+        dataset=args.dataset,
+        text_column=args.text_column,
+        max_chars=args.max_chars,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        model=args.model,
+        attention=args.attention,
+        hwfa_window=args.hwfa_window,
+        hwfa_full_layers=args.hwfa_full_layers,
+        seq_len=args.seq_len,
+        loss=args.loss,
+        emo_cost=args.emo_cost,
+        optimizer=args.optimizer,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_steps=args.max_steps,
+        eval_steps=args.eval_steps,
+        save_steps=args.save_steps,
+        seed=args.seed,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    try:
+        summary = train_causal_lm(settings)
+    except PipelineError as err:
+        return _fail(str(err))
+    print(
+        f"saved {args.output_dir}: {summary['parameters'] / 1e6:.2f}M parameters, {summary['global_step']} steps, "
+        f"eval loss {summary['eval_loss']:.4f}"
+    )
+    return 0
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    from .pipeline import MODEL_PRESETS, TrainSettings
+
+    d = TrainSettings()
+    p = subparsers.add_parser(
+        "train", help="train a causal LM (EMO loss, Tiger, BytePiece, RoPE or HWFA)", description=_cmd_train.__doc__
+    )
+    p.add_argument("--output-dir", default=d.output_dir, help="where the model, tokenizer and summary go")
+    data = p.add_argument_group("data (default: the embedded corpus)")
+    data.add_argument("--data", nargs="+", metavar="FILE", help=".txt files (one document each) or .jsonl (text field)")
+    data.add_argument("--dataset", help="a datasets dataset: a save_to_disk folder or a local load_dataset source")
+    data.add_argument("--text-column", default=d.text_column)
+    data.add_argument("--max-chars", type=int, help="use at most this many characters of text")
+    tok = p.add_argument_group("tokenizer (default: train BytePiece on the data)")
+    tok.add_argument("--tokenizer", help="a saved HF tokenizer folder or a BytePiece .model file")
+    tok.add_argument("--vocab-size", type=int, default=d.vocab_size)
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default=d.model, help=f"a preset ({', '.join(MODEL_PRESETS)}) or a local folder")
+    model.add_argument("--attention", choices=["rope", "hwfa"], default=d.attention)
+    model.add_argument("--hwfa-window", type=int, default=d.hwfa_window)
+    model.add_argument("--hwfa-full-layers", type=int, nargs="+", help="full-attention layer indices (default: middle)")
+    model.add_argument("--seq-len", type=int, default=d.seq_len, help="training length")
+    train = p.add_argument_group("training")
+    train.add_argument("--loss", choices=["mix", "emo2", "emo", "ce"], default=d.loss, help="EMO mixing mode")
+    train.add_argument("--emo-cost", choices=["adaptive", "fixed"], default=d.emo_cost)
+    train.add_argument("--optimizer", choices=["tiger", "adamw"], default=d.optimizer)
+    train.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    train.add_argument("--batch-size", type=int, default=d.batch_size, help="per device")
+    train.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    train.add_argument("--max-steps", type=int, default=d.max_steps)
+    train.add_argument("--eval-steps", type=int, default=d.eval_steps)
+    train.add_argument("--save-steps", type=int, default=d.save_steps)
+    train.add_argument("--seed", type=int, default=d.seed)
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    train.add_argument("--overwrite", action="store_true", help="replace a finished run (swapped in only on success)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_cmd_train)
+
+
+def _cmd_eval_length(args: argparse.Namespace) -> int:
+    """Loss and accuracy at several context lengths for RoPE, ReRoPE, Leaky ReRoPE, NTK, YaRN (and HWFA+ReRoPE)."""
+    import json
+    import os
+
+    from .eval_length import evaluate_lengths, plot_results, results_table, results_to_dicts
+    from .pipeline import SUMMARY_FILE, PipelineError, held_out_token_ids
+
+    summary_path = os.path.join(args.model, SUMMARY_FILE)
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        return _fail(f"{args.model!r} is not a saved model folder (no config.json)")
+    train_length = args.train_length
+    if train_length is None:
+        if not os.path.exists(summary_path):
+            return _fail(f"no {SUMMARY_FILE} in {args.model!r}: pass --train-length")
+        train_length = json.load(open(summary_path))["train_length"]
+    lengths = args.lengths or [train_length * k for k in (1, 2, 4, 8)]
+    try:
+        token_ids = held_out_token_ids(args.model, data=args.data or ())
+        results = evaluate_lengths(
+            args.model,
+            token_ids,
+            train_length=train_length,
+            lengths=lengths,
+            methods=args.methods,
+            window=args.window,
+            max_windows=args.max_windows,
+            progress=not args.no_progress,
+        )
+    except (PipelineError, ValueError) as err:
+        return _fail(str(err))
+    for metric in ("loss", "accuracy", "tail_loss"):
+        print(f"\n{results_table(results, metric)}")
+    out_prefix = args.output or os.path.join(args.model, "eval_length")
+    with open(out_prefix + ".json", "w") as f:
+        json.dump({"train_length": train_length, "results": results_to_dicts(results)}, f, indent=2)
+    plot_results(results, out_prefix + ".png", train_length=train_length)
+    print(f"\nwrote {out_prefix}.json and {out_prefix}.png")
+    return 0
+
+
+def _add_eval_length(subparsers: argparse._SubParsersAction) -> None:
+    from .eval_length import METHODS
+
+    p = subparsers.add_parser(
+        "eval-length", help="per-length evaluation of extrapolation methods", description=_cmd_eval_length.__doc__
+    )
+    p.add_argument("model", help="a folder written by hf-su train (or any saved causal LM with --train-length)")
+    p.add_argument("--lengths", type=int, nargs="+", help="default: 1, 2, 4, 8 x the training length")
+    p.add_argument("--methods", nargs="+", choices=METHODS, help="default: all that apply")
+    p.add_argument("--window", type=int, help="ReRoPE window (default: half the training length)")
+    p.add_argument("--train-length", type=int, help="default: read from training_summary.json")
+    p.add_argument("--data", nargs="+", metavar="FILE", help="evaluation text (default: the run's held-out text)")
+    p.add_argument("--max-windows", type=int, default=8, help="evaluation windows per length")
+    p.add_argument("--output", help="path prefix for .json and .png (default: MODEL/eval_length)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_cmd_eval_length)
+
+
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_env, _add_train, _add_eval_length]
 
 
 def build_parser() -> argparse.ArgumentParser:
