@@ -193,17 +193,24 @@ def _load_or_train_tokenizer(settings: TrainSettings, train_docs: list[str], wor
     return BytePieceTokenizerFast.from_bytepiece(model_file)
 
 
-def _build_config(settings: TrainSettings, vocab_size: int, tokenizer):
+def _model_config(settings: TrainSettings, vocab_size: int, tokenizer=None):
+    """The model config: a preset sized for ``vocab_size``, or the one in ``settings.model``; HWFA applied if asked."""
     from transformers import AutoConfig, LlamaConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if settings.model in MODEL_PRESETS:
+        special = {}
+        if tokenizer is not None:
+            special = dict(
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         config = LlamaConfig(
             vocab_size=vocab_size,
             max_position_embeddings=settings.seq_len,
             tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            **special,
             **MODEL_PRESETS[settings.model],
         )
     else:
@@ -212,11 +219,19 @@ def _build_config(settings: TrainSettings, vocab_size: int, tokenizer):
                 f"--model {settings.model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a directory with a "
                 "config.json"
             )
-        config = AutoConfig.from_pretrained(settings.model)
+        try:
+            config = AutoConfig.from_pretrained(settings.model)
+        except (ValueError, KeyError, OSError) as err:
+            raise PipelineError(f"--model {settings.model!r}: unreadable config ({err})") from None
+        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise PipelineError(f"--model {settings.model!r} is not a causal language model ({config.model_type})")
     if settings.attention == "hwfa":
         from .modeling.hwfa import hwfa_config
 
-        config = hwfa_config(config, window=settings.hwfa_window, full_layers=settings.hwfa_full_layers)
+        try:
+            config = hwfa_config(config, window=settings.hwfa_window, full_layers=settings.hwfa_full_layers)
+        except (ValueError, TypeError) as err:
+            raise PipelineError(f"--attention hwfa: {err}") from None
     elif settings.attention != "rope":
         raise PipelineError(f"--attention must be 'rope' or 'hwfa', got {settings.attention!r}")
     return config
@@ -232,8 +247,8 @@ def _build_model(settings: TrainSettings, config):
         if has_weights:
             return AutoModelForCausalLM.from_pretrained(settings.model, config=config)
         return AutoModelForCausalLM.from_config(config)
-    except ValueError as err:  # transformers' "Unrecognized configuration class ... for AutoModelForCausalLM"
-        raise PipelineError(f"--model {settings.model!r} is not a causal language model: {err}") from None
+    except (ValueError, OSError) as err:  # e.g. weights that do not fit the config
+        raise PipelineError(f"--model {settings.model!r} could not be loaded: {err}") from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -265,10 +280,13 @@ def _validate(settings: TrainSettings) -> None:
         raise PipelineError(
             f"output dir {out!r} is not empty; pass --resume to continue it or --overwrite to replace it"
         )
+    _model_config(settings, vocab_size=settings.vocab_size)  # model and HWFA problems surface before any work
 
 
-def train_causal_lm(settings: TrainSettings) -> dict[str, Any]:
+def train_causal_lm(settings: TrainSettings, *, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Run the main job; return the training summary (also written to ``output_dir/training_summary.json``).
+
+    ``callbacks`` are ``transformers.TrainerCallback`` objects handed to the trainer (logging, early stopping, ...).
 
     Raises:
         PipelineError: a bad input (missing data file, empty corpus, not a causal LM, window >= sequence length,
@@ -314,7 +332,7 @@ def train_causal_lm(settings: TrainSettings) -> dict[str, Any]:
     os.makedirs(work_dir, exist_ok=True)
     with args.main_process_first(desc="tokenizer"):
         tokenizer = _load_or_train_tokenizer(settings, train_docs, work_dir)
-    config = _build_config(settings, len(tokenizer), tokenizer)
+    config = _model_config(settings, len(tokenizer), tokenizer)
     model = _build_model(settings, config)
 
     def blocks(docs: list[str]) -> list[list[int]]:
@@ -338,6 +356,7 @@ def train_causal_lm(settings: TrainSettings) -> dict[str, Any]:
         emo_mode=settings.loss,
         emo_cost=settings.emo_cost,
         optimizer=settings.optimizer,
+        callbacks=list(callbacks),
     )
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if settings.resume else None)
