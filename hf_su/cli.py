@@ -209,7 +209,147 @@ def _add_eval_length(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_eval_length)
 
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_env, _add_train, _add_eval_length]
+def _cmd_generate(args: argparse.Namespace) -> int:
+    """Continue a prompt with a saved model (the continuation fix on by default; ReRoPE optional)."""
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .generation.healing import generate_healed
+
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        return _fail(f"{args.model!r} is not a saved model folder (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    except (OSError, ValueError) as err:
+        return _fail(f"could not load {args.model!r}: {err}")
+    if args.rerope_window:
+        from .modeling.rerope import patch_rerope
+
+        patch_rerope(model, window=args.rerope_window)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.sample else {}
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    max_backoff = 0 if args.no_heal else args.max_backoff_tokens
+    out = generate_healed(
+        model,
+        tokenizer,
+        [args.prompt],
+        max_backoff_tokens=max_backoff,
+        max_new_tokens=args.max_new_tokens,
+        **sampling,
+    )
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def _add_generate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "generate", help="continue a prompt with a saved model", description=_cmd_generate.__doc__
+    )
+    p.add_argument("model", help="a saved causal LM folder (with its tokenizer)")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-backoff-tokens", type=int, default=2, help="continuation fix: prompt tokens to back off")
+    p.add_argument("--no-heal", action="store_true", help="plain generate, without the continuation fix")
+    p.add_argument("--rerope-window", type=int, help="apply ReRoPE with this window before generating")
+    p.set_defaults(handler=_cmd_generate)
+
+
+def _cmd_tokenizer(args: argparse.Namespace) -> int:
+    """BytePiece tokenizers: train one, convert a reference .model file to HF format, or encode text."""
+    import json
+    import os
+
+    from .tokenization.bytepiece import BytePieceTokenizerFast
+
+    if args.action == "train":
+        from .pipeline import PipelineError, TrainSettings, read_documents
+        from .tokenization.train import train_bytepiece
+
+        try:
+            docs = read_documents(TrainSettings(data=tuple(args.data or ()), max_chars=args.max_chars))
+        except PipelineError as err:
+            return _fail(str(err))
+        path = train_bytepiece(
+            docs,
+            vocab_size=args.vocab_size,
+            output=args.output,
+            max_piece_length=args.max_piece_length,
+            isolate_digits=args.isolate_digits,
+        )
+        print(f"wrote {path}")
+        if args.hf_dir:
+            BytePieceTokenizerFast.from_bytepiece(path).save_pretrained(args.hf_dir)
+            print(f"wrote {args.hf_dir}")
+        return 0
+    if args.action == "convert":
+        if not os.path.isfile(args.source):
+            return _fail(f"no such BytePiece model file: {args.source}")
+        try:
+            tokenizer = BytePieceTokenizerFast.from_bytepiece(args.source)
+        except ValueError as err:
+            return _fail(str(err))
+        tokenizer.save_pretrained(args.output)
+        print(f"wrote {args.output} ({len(tokenizer)} tokens); load it with AutoTokenizer.from_pretrained")
+        return 0
+    # encode
+    if os.path.isfile(args.tokenizer):
+        tokenizer = BytePieceTokenizerFast.from_bytepiece(args.tokenizer)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    if args.alpha is None:
+        ids = tokenizer(args.text, add_special_tokens=False)["input_ids"]
+    else:
+        from .tokenization.sampling import encode_sampled
+
+        ids = encode_sampled(tokenizer, args.text, alpha=args.alpha, seed=args.seed)
+    pieces = [tokenizer.decode([i]) for i in ids]
+    print(json.dumps({"ids": ids, "pieces": pieces}, ensure_ascii=False))
+    return 0
+
+
+def _add_tokenizer(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "tokenizer", help="train / convert / encode BytePiece tokenizers", description=_cmd_tokenizer.__doc__
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    train = actions.add_parser("train", help="train a BytePiece model (reference .model format)")
+    train.add_argument("--data", nargs="+", metavar="FILE", help="text files (default: the embedded corpus)")
+    train.add_argument("--max-chars", type=int)
+    train.add_argument("--vocab-size", type=int, default=8000)
+    train.add_argument("--max-piece-length", type=int, default=36)
+    train.add_argument("--isolate-digits", action="store_true")
+    train.add_argument("--output", default="bytepiece.model")
+    train.add_argument("--hf-dir", help="also save it as an HF tokenizer folder here")
+    convert = actions.add_parser(
+        "convert", help="convert a reference BytePiece .model file into an HF tokenizer folder"
+    )
+    convert.add_argument("source")
+    convert.add_argument("output")
+    encode = actions.add_parser("encode", help="print ids and pieces of a text")
+    encode.add_argument("tokenizer", help="a BytePiece .model file or an HF tokenizer folder")
+    encode.add_argument("text")
+    encode.add_argument("--alpha", type=float, help="sample a segmentation (subword regularization) with this alpha")
+    encode.add_argument("--seed", type=int)
+    p.set_defaults(handler=_cmd_tokenizer)
+
+
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_env,
+    _add_train,
+    _add_eval_length,
+    _add_generate,
+    _add_tokenizer,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

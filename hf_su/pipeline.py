@@ -78,7 +78,8 @@ class TrainSettings:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _read_documents(settings: TrainSettings) -> list[str]:
+def read_documents(settings: TrainSettings) -> list[str]:
+    """The documents named by ``settings`` (files, a dataset, or the embedded corpus), capped at ``max_chars``."""
     if settings.data and settings.dataset:
         raise PipelineError("give either --data files or --dataset, not both")
     documents: list[str] = []
@@ -298,7 +299,7 @@ def train_causal_lm(settings: TrainSettings, *, callbacks: Sequence[Any] = ()) -
     from .trainer.trainer import EMOTrainer
 
     _validate(settings)
-    documents = _read_documents(settings)
+    documents = read_documents(settings)
     train_docs, eval_docs = split_documents(documents, settings.eval_fraction)
     # --overwrite builds the new run beside the old one and swaps only at the end: a failure loses nothing
     final_dir = settings.output_dir
@@ -397,7 +398,7 @@ def held_out_token_ids(model_dir: str, *, eval_fraction: float | None = None, da
     settings.data = tuple(data) or tuple(saved.get("data", ()))
     if eval_fraction is not None:
         settings.eval_fraction = eval_fraction
-    _, eval_docs = split_documents(_read_documents(settings), settings.eval_fraction)
+    _, eval_docs = split_documents(read_documents(settings), settings.eval_fraction)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids: list[int] = []
     for doc in eval_docs:

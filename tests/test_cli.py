@@ -192,3 +192,24 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     expected, got = _weights(single), _weights(ddp)
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_generate_continues_the_exact_prompt(trained_run, capsys):
+    assert main(["generate", trained_run, "def __in", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("def __in")
+    assert main(["generate", "/nonexistent", "x"]) == 2
+
+
+def test_tokenizer_train_convert_encode(tmp_path, capsys):
+    model_file = str(tmp_path / "bp.model")
+    assert main(["tokenizer", "train", "--max-chars", "30000", "--vocab-size", "300", "--output", model_file]) == 0
+    assert main(["tokenizer", "convert", model_file, str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    text = "print(hello_world)"
+    assert main(["tokenizer", "encode", model_file, text]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    assert main(["tokenizer", "encode", str(tmp_path / "hf"), text, "--alpha", "0.1", "--seed", "0"]) == 0
+    sampled = json.loads(capsys.readouterr().out)
+    assert "".join(from_file["pieces"]) == "".join(sampled["pieces"]) == text
+    assert from_file["ids"] == AutoTokenizer.from_pretrained(str(tmp_path / "hf"))(text)["input_ids"]
+    assert main(["tokenizer", "convert", str(tmp_path / "missing.model"), str(tmp_path / "x")]) == 2
