@@ -1,0 +1,408 @@
+"""Two-part attention: a near (windowed) part and a far part, merged exactly by their log-sum-exps.
+
+ReRoPE-style attentions score a query ``i`` against a key ``j`` with one pair of rotated vectors when ``i - j < w``
+(the *near* part: ordinary RoPE) and another pair when ``i - j >= w`` (the *far* part). Each part is an ordinary
+softmax attention over a subset of keys, so the exact result is
+
+    out = (e^{lse_near} o_near + e^{lse_far} o_far) / (e^{lse_near} + e^{lse_far})
+
+with ``lse`` each part's log-sum-exp of scores. For a prefill of ``n`` tokens the near part is a sliding-window causal
+attention and the far part is a plain causal attention of ``q_far[w:]`` over ``k_far[:n-w]``, so the total work is
+about one causal attention and memory stays O(n) (the reference implementation materialises two n x n matrices).
+
+Kernels returning the log-sum-exp:
+
+* CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward op;
+* CUDA with flash-attn: ``flash_attn_func(..., window_size=(w - 1, 0), return_attn_probs=True)`` (inference);
+* anywhere else: an explicit "math" kernel (O(n^2) memory for the far part).
+
+Training uses :class:`_TwoPartAttention`, whose backward runs each part's backward kernel with the *merged* output and
+log-sum-exp (as ring attention does); that gives the exact gradient of the merged attention.
+
+Tensors are ``[batch, heads, tokens, head_dim]``; keys and values may have fewer heads than queries (grouped-query
+attention) as long as the query heads are a multiple of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..capabilities import flash_attn_available
+
+Tensor = torch.Tensor
+
+
+def merge_attention_parts(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge two attentions over disjoint key sets into the attention over their union.
+
+    Args:
+        out_a: ``[B, H, n, D]`` output of the first part.
+        lse_a: ``[B, H, n]`` log-sum-exp of the first part's (scaled) scores; ``-inf`` for rows that saw no key.
+        out_b: Output of the second part (same shape); rows with ``lse_b == -inf`` must be finite (e.g. zero).
+        lse_b: Log-sum-exp of the second part.
+
+    Returns:
+        ``(out, lse)``: the merged output (dtype of ``out_a``) and log-sum-exp (dtype of ``lse_a``).
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    # a row that saw no key in either part has lse = -inf; give it weight 0 instead of NaN
+    safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    w_a = torch.exp(lse_a - safe).unsqueeze(-1)
+    w_b = torch.exp(lse_b - safe).unsqueeze(-1)
+    out = (out_a * w_a + out_b * w_b).to(out_a.dtype)
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Kernels: (q, k, v, causal, additive mask, scale) -> (out, lse) and the matching backward given out and lse.
+
+
+@dataclass(frozen=True)
+class _Kernel:
+    name: str
+    forward: Callable[..., tuple[Tensor, Tensor]]
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+
+
+def _cpu_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None, scale: float):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, attn_mask=mask, scale=scale
+    )
+
+
+def _cpu_backward(dout, q, k, v, out, lse, causal: bool, mask: Tensor | None, scale: float):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale
+    )
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _math_scores(q: Tensor, k: Tensor, causal: bool, mask: Tensor | None, scale: float) -> Tensor:
+    """Scaled, masked scores ``[B, Hkv, groups, nq, nk]`` in the compute dtype."""
+    b, h, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    dt = _compute_dtype(q.dtype)
+    qg = q.reshape(b, hkv, h // hkv, nq, d).to(dt)
+    s = torch.matmul(qg, k.to(dt).unsqueeze(2).transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(nq, nk, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    if mask is not None:
+        s = s + mask.to(dt)
+    return s
+
+
+def _math_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None, scale: float):
+    b, h, nq, d = q.shape
+    s = _math_scores(q, k, causal, mask, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    out = torch.matmul(p, v.to(s.dtype).unsqueeze(2))
+    return out.reshape(b, h, nq, v.shape[-1]).to(q.dtype), lse.reshape(b, h, nq)
+
+
+def _math_backward(dout, q, k, v, out, lse, causal: bool, mask: Tensor | None, scale: float):
+    b, h, nq, d = q.shape
+    hkv = k.shape[1]
+    s = _math_scores(q, k, causal, mask, scale)
+    dt = s.dtype
+    p = torch.exp(s - lse.reshape(b, hkv, h // hkv, nq, 1).to(dt))
+    do = dout.reshape(b, hkv, h // hkv, nq, -1).to(dt)
+    dv = torch.matmul(p.transpose(-1, -2), do).sum(2)
+    dp = torch.matmul(do, v.to(dt).unsqueeze(2).transpose(-1, -2))
+    delta = (do * out.reshape(b, hkv, h // hkv, nq, -1).to(dt)).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    dq = torch.matmul(ds, k.to(dt).unsqueeze(2)) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), q.reshape(b, hkv, h // hkv, nq, d).to(dt)).sum(2) * scale
+    return dq.reshape(b, h, nq, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+CPU_KERNEL = _Kernel("cpu", _cpu_forward, _cpu_backward)
+MATH_KERNEL = _Kernel("math", _math_forward, _math_backward)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Near part as a banded attention: query block b (w queries) sees the 2w keys before and including it, under one
+# shared w x 2w band mask, so the whole window attention is a single batched kernel call.
+
+
+def _band_mask(window: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    t = torch.arange(window, device=device).unsqueeze(1)
+    s = torch.arange(2 * window, device=device).unsqueeze(0)
+    allowed = (s > t) & (s <= t + window)
+    return torch.zeros(window, 2 * window, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+
+
+def _to_query_blocks(x: Tensor, window: int, num_blocks: int) -> Tensor:
+    """``x[:, :, w:]`` zero-padded to ``num_blocks * w`` rows, as ``[B * num_blocks, H, w, ...]``."""
+    b, h = x.shape[:2]
+    rest = x[:, :, window:]
+    pad = num_blocks * window - rest.shape[2]
+    if pad:
+        rest = torch.cat([rest, rest.new_zeros(b, h, pad, *rest.shape[3:])], dim=2)
+    rest = rest.reshape(b, h, num_blocks, window, *rest.shape[3:]).transpose(1, 2)
+    return rest.reshape(b * num_blocks, h, window, *rest.shape[4:])
+
+
+def _from_query_blocks(x: Tensor, batch: int, n: int, window: int) -> Tensor:
+    """Inverse of :func:`_to_query_blocks` (drops the padding): ``[B, H, n - w, ...]``."""
+    num_blocks, h = x.shape[0] // batch, x.shape[1]
+    x = x.reshape(batch, num_blocks, h, window, *x.shape[3:]).transpose(1, 2)
+    return x.reshape(batch, h, num_blocks * window, *x.shape[4:])[:, :, : n - window]
+
+
+def _to_key_bands(x: Tensor, window: int, num_blocks: int) -> Tensor:
+    """Overlapping 2w-key bands ``[B * num_blocks, H, 2w, D]``: band b holds keys ``[b w, (b + 2) w)``."""
+    b, h, n, d = x.shape
+    pad = (num_blocks + 1) * window - n
+    if pad:
+        x = torch.cat([x, x.new_zeros(b, h, pad, d)], dim=2)
+    bands = x.unfold(2, 2 * window, window)  # [B, H, num_blocks, D, 2w]
+    return bands.permute(0, 2, 1, 4, 3).reshape(b * num_blocks, h, 2 * window, d)
+
+
+def _from_key_bands(x: Tensor, batch: int, n: int, window: int) -> Tensor:
+    """Sum overlapping band gradients back onto the keys: ``[B * nb, H, 2w, D]`` -> ``[B, H, n, D]``."""
+    num_blocks, h, d = x.shape[0] // batch, x.shape[1], x.shape[3]
+    x = x.reshape(batch, num_blocks, h, 2, window, d)
+    total = x.new_zeros(batch, num_blocks + 1, h, window, d)
+    total[:, :num_blocks] += x[:, :, :, 0]
+    total[:, 1:] += x[:, :, :, 1]
+    return total.transpose(1, 2).reshape(batch, h, (num_blocks + 1) * window, d)[:, :, :n]
+
+
+def _near_forward(kernel: _Kernel, q: Tensor, k: Tensor, v: Tensor, window: int, scale: float):
+    b, _, n, _ = q.shape
+    if n <= window:
+        return kernel.forward(q, k, v, True, None, scale)
+    out0, lse0 = kernel.forward(q[:, :, :window], k[:, :, :window], v[:, :, :window], True, None, scale)
+    nb = -(-(n - window) // window)
+    mask = _band_mask(window, q.dtype, q.device)
+    out_b, lse_b = kernel.forward(
+        _to_query_blocks(q, window, nb), _to_key_bands(k, window, nb), _to_key_bands(v, window, nb), False, mask, scale
+    )
+    out = torch.cat([out0, _from_query_blocks(out_b, b, n, window)], dim=2)
+    lse = torch.cat([lse0, _from_query_blocks(lse_b, b, n, window)], dim=2)
+    return out, lse
+
+
+def _near_backward(kernel: _Kernel, dout, q, k, v, out, lse, window: int, scale: float):
+    b, _, n, _ = q.shape
+    if n <= window:
+        return kernel.backward(dout, q, k, v, out, lse, True, None, scale)
+    w = window
+    dq0, dk0, dv0 = kernel.backward(
+        dout[:, :, :w], q[:, :, :w], k[:, :, :w], v[:, :, :w], out[:, :, :w], lse[:, :, :w], True, None, scale
+    )
+    nb = -(-(n - w) // w)
+    # padded query rows have zero query, output and incoming gradient, and lse 0: they contribute exactly nothing
+    dq_b, dk_b, dv_b = kernel.backward(
+        _to_query_blocks(dout, w, nb),
+        _to_query_blocks(q, w, nb),
+        _to_key_bands(k, w, nb),
+        _to_key_bands(v, w, nb),
+        _to_query_blocks(out, w, nb),
+        _to_query_blocks(lse, w, nb),
+        False,
+        _band_mask(w, q.dtype, q.device),
+        scale,
+    )
+    dq = torch.cat([dq0, _from_query_blocks(dq_b, b, n, w)], dim=2)
+    dk = _from_key_bands(dk_b, b, n, w)
+    dv = _from_key_bands(dv_b, b, n, w)
+    dk[:, :, :w] += dk0
+    dv[:, :, :w] += dv0
+    return dq, dk, dv
+
+
+def _two_part_forward(kernel: _Kernel, q_near, k_near, q_far, k_far, v, window: int, scale: float):
+    n = q_near.shape[2]
+    out, lse = _near_forward(kernel, q_near, k_near, v, window, scale)
+    if n <= window:
+        return out, lse
+    m = n - window
+    out_far, lse_far = kernel.forward(q_far[:, :, window:], k_far[:, :, :m], v[:, :, :m], True, None, scale)
+    merged, merged_lse = merge_attention_parts(out[:, :, window:], lse[:, :, window:], out_far, lse_far)
+    return torch.cat([out[:, :, :window], merged], dim=2), torch.cat([lse[:, :, :window], merged_lse], dim=2)
+
+
+class _TwoPartAttention(torch.autograd.Function):
+    """Prefill two-part attention with an exact backward (each part's backward with the merged out / lse)."""
+
+    @staticmethod
+    def forward(ctx, q_near, k_near, q_far, k_far, v, window: int, scale: float, kernel: _Kernel):
+        out, lse = _two_part_forward(kernel, q_near, k_near, q_far, k_far, v, window, scale)
+        ctx.save_for_backward(q_near, k_near, q_far, k_far, v, out, lse)
+        ctx.window, ctx.scale, ctx.kernel = window, scale, kernel
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q_near, k_near, q_far, k_far, v, out, lse = ctx.saved_tensors
+        w, scale, kernel = ctx.window, ctx.scale, ctx.kernel
+        n = q_near.shape[2]
+        dout = dout.contiguous()
+        dq_near, dk_near, dv = _near_backward(kernel, dout, q_near, k_near, v, out, lse, w, scale)
+        dq_far, dk_far = torch.zeros_like(q_far), torch.zeros_like(k_far)
+        if n > w:
+            m = n - w
+            dq_f, dk_f, dv_f = kernel.backward(
+                dout[:, :, w:], q_far[:, :, w:], k_far[:, :, :m], v[:, :, :m], out[:, :, w:], lse[:, :, w:],
+                True, None, scale,
+            )  # fmt: skip
+            dq_far[:, :, w:] = dq_f
+            dk_far[:, :, :m] = dk_f
+            dv[:, :, :m] += dv_f
+        return dq_near, dk_near, dq_far, dk_far, dv, None, None, None
+
+
+def _flash_two_part_forward(q_near, k_near, q_far, k_far, v, window: int, scale: float) -> Tensor:
+    """The same two parts on flash-attn CUDA kernels (sliding window + bottom-right causal), inference only."""
+    from flash_attn import flash_attn_func
+
+    def to_flash(x: Tensor) -> Tensor:
+        return x.transpose(1, 2)  # [B, n, H, D] views: flash-attn wants the head dimension contiguous only
+
+    n = q_near.shape[2]
+    out, lse, _ = flash_attn_func(
+        to_flash(q_near), to_flash(k_near), to_flash(v), softmax_scale=scale, causal=True,
+        window_size=(window - 1, 0), return_attn_probs=True,
+    )  # fmt: skip
+    out = out.transpose(1, 2)
+    if n <= window:
+        return out
+    m = n - window
+    out_far, lse_far, _ = flash_attn_func(
+        to_flash(q_far[:, :, window:]), to_flash(k_far[:, :, :m]), to_flash(v[:, :, :m]), softmax_scale=scale,
+        causal=True, return_attn_probs=True,
+    )  # fmt: skip
+    merged, _ = merge_attention_parts(out[:, :, window:], lse[:, :, window:], out_far.transpose(1, 2), lse_far)
+    return torch.cat([out[:, :, :window], merged], dim=2)
+
+
+def _check_shapes(q_near: Tensor, k_near: Tensor, q_far: Tensor, k_far: Tensor, v: Tensor) -> None:
+    if q_near.dim() != 4 or q_near.shape != q_far.shape:
+        raise ValueError(f"queries must be [B, H, n, D] of equal shapes, got {tuple(q_near.shape)}, {tuple(q_far.shape)}")
+    if k_near.shape != k_far.shape or k_near.shape[:3] != v.shape[:3]:
+        raise ValueError(f"keys/values shapes disagree: {tuple(k_near.shape)}, {tuple(k_far.shape)}, {tuple(v.shape)}")
+    if q_near.shape[1] % k_near.shape[1]:
+        raise ValueError(f"{q_near.shape[1]} query heads are not a multiple of {k_near.shape[1]} key heads")
+
+
+def two_part_attention(
+    q_near: Tensor,
+    k_near: Tensor,
+    q_far: Tensor,
+    k_far: Tensor,
+    v: Tensor,
+    *,
+    window: int,
+    scale: float,
+    kernel: str | None = None,
+) -> Tensor:
+    """Causal attention of ``n`` queries over the same ``n`` keys where near and far keys use different q/k pairs.
+
+    Query ``i`` scores key ``j <= i`` as ``q_near[i] . k_near[j]`` when ``i - j < window`` and as
+    ``q_far[i] . k_far[j]`` otherwise (times ``scale``); one softmax over all keys. Differentiable.
+
+    Args:
+        q_near: ``[B, H, n, D]`` queries for the near part.
+        k_near: ``[B, Hkv, n, D]`` keys for the near part.
+        q_far: Queries for the far part (same shape as ``q_near``).
+        k_far: Keys for the far part (same shape as ``k_near``).
+        v: ``[B, Hkv, n, Dv]`` values.
+        window: The window ``w >= 1``.
+        scale: Score scale (usually ``D ** -0.5``).
+        kernel: ``None`` picks flash-attn (CUDA, fp16/bf16, no gradient needed), the CPU flash kernel on CPU, else
+            the math kernel; ``"cpu"`` or ``"math"`` force one.
+
+    Returns:
+        ``[B, H, n, Dv]`` attention output.
+    """
+    _check_shapes(q_near, k_near, q_far, k_far, v)
+    if kernel is None:
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_near, k_near, q_far, k_far, v))
+        if (
+            q_near.is_cuda
+            and q_near.dtype in (torch.float16, torch.bfloat16)
+            and not needs_grad
+            and flash_attn_available()
+        ):
+            return _flash_two_part_forward(q_near, k_near, q_far, k_far, v, window, scale)
+        kernel = "cpu" if q_near.device.type == "cpu" else "math"
+    kernels = {"cpu": CPU_KERNEL, "math": MATH_KERNEL}
+    if kernel not in kernels:
+        raise ValueError(f"kernel must be None, 'cpu' or 'math', got {kernel!r}")
+    return _TwoPartAttention.apply(q_near, k_near, q_far, k_far, v, window, scale, kernels[kernel])
+
+
+def near_far_ranges(q_len: int, kv_len: int, window: int) -> tuple[int, int]:
+    """Key ranges the last ``q_len`` queries of a ``kv_len`` sequence need: near keys ``[start, kv_len)``, far keys
+    ``[0, end)``."""
+    return max(0, kv_len - q_len - window + 1), max(0, kv_len - window)
+
+
+def two_part_attention_dense(
+    q_near: Tensor,
+    k_near: Tensor,
+    q_far: Tensor,
+    k_far: Tensor,
+    v: Tensor,
+    *,
+    window: int,
+    scale: float,
+    key_valid: Tensor | None = None,
+) -> Tensor:
+    """Two-part attention for queries that continue a cached sequence (decoding, chunked prefill), one softmax.
+
+    The ``q`` queries are the last ones of a ``kv``-token sequence (query ``t`` sits at index ``kv - q + t``).
+    ``k_near`` holds keys ``[start, kv)`` and ``k_far`` keys ``[0, end)`` with ``(start, end)`` from
+    :func:`near_far_ranges`. Scores are explicit (``[q, kv]`` per head), which is cheap for the short query blocks
+    this serves; differentiable through autograd.
+
+    Args:
+        q_near: ``[B, H, q, D]`` queries for near keys.
+        k_near: ``[B, Hkv, kv - start, D]`` near-range keys.
+        q_far: ``[B, H, q, D]`` queries for far keys.
+        k_far: ``[B, Hkv, end, D]`` far-range keys.
+        v: ``[B, Hkv, kv, Dv]`` all values.
+        window: The window ``w``.
+        scale: Score scale.
+        key_valid: Optional ``[B, kv]`` bool, False for padding keys.
+
+    Returns:
+        ``[B, H, q, Dv]``.
+    """
+    b, h, q_len, _ = q_near.shape
+    kv = v.shape[2]
+    start, end = near_far_ranges(q_len, kv, window)
+    if k_near.shape[2] != kv - start or k_far.shape[2] != end:
+        raise ValueError(f"near/far keys must cover [{start}, {kv}) and [0, {end}), got {k_near.shape[2]}, {k_far.shape[2]}")
+    hkv = v.shape[1]
+    dt = _compute_dtype(q_near.dtype)
+    i = torch.arange(kv - q_len, kv, device=v.device).unsqueeze(1)
+    j_near = torch.arange(start, kv, device=v.device).unsqueeze(0)
+    j_far = torch.arange(0, end, device=v.device).unsqueeze(0)
+    allowed = torch.cat([(j_near <= i) & (j_near > i - window), j_far <= i - window], dim=1)  # [q, keys]
+    allowed = allowed.view(1, 1, 1, q_len, -1)
+    if key_valid is not None:
+        valid = torch.cat([key_valid[:, start:], key_valid[:, :end]], dim=1)
+        allowed = allowed & valid.view(b, 1, 1, 1, -1)
+
+    def scores(q: Tensor, k: Tensor) -> Tensor:
+        return torch.matmul(q.reshape(b, hkv, h // hkv, q_len, -1), k.unsqueeze(2).transpose(-1, -2))
+
+    s = torch.cat([scores(q_near, k_near), scores(q_far, k_far)], dim=-1).to(dt) * scale
+    # finite fill: a padding query that sees no key gets a harmless uniform row instead of NaN
+    s = s.masked_fill(~allowed, torch.finfo(dt).min)
+    p = torch.softmax(s, dim=-1).to(v.dtype)
+    n_near = kv - start
+    out = torch.matmul(p[..., :n_near], v[:, :, start:].unsqueeze(2))
+    if end:
+        out = out + torch.matmul(p[..., n_near:], v[:, :, :end].unsqueeze(2))
+    return out.reshape(b, h, q_len, -1)
