@@ -25,8 +25,8 @@ attention) as long as the query heads are a multiple of them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -68,9 +68,7 @@ class _Kernel:
 
 
 def _cpu_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None, scale: float):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, causal, attn_mask=mask, scale=scale
-    )
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
 
 
 def _cpu_backward(dout, q, k, v, out, lse, causal: bool, mask: Tensor | None, scale: float):
@@ -287,7 +285,9 @@ def _flash_two_part_forward(q_near, k_near, q_far, k_far, v, window: int, scale:
 
 def _check_shapes(q_near: Tensor, k_near: Tensor, q_far: Tensor, k_far: Tensor, v: Tensor) -> None:
     if q_near.dim() != 4 or q_near.shape != q_far.shape:
-        raise ValueError(f"queries must be [B, H, n, D] of equal shapes, got {tuple(q_near.shape)}, {tuple(q_far.shape)}")
+        raise ValueError(
+            f"queries must be [B, H, n, D] of equal shapes, got {tuple(q_near.shape)}, {tuple(q_far.shape)}"
+        )
     if k_near.shape != k_far.shape or k_near.shape[:3] != v.shape[:3]:
         raise ValueError(f"keys/values shapes disagree: {tuple(k_near.shape)}, {tuple(k_far.shape)}, {tuple(v.shape)}")
     if q_near.shape[1] % k_near.shape[1]:
@@ -382,7 +382,9 @@ def two_part_attention_dense(
     kv = v.shape[2]
     start, end = near_far_ranges(q_len, kv, window)
     if k_near.shape[2] != kv - start or k_far.shape[2] != end:
-        raise ValueError(f"near/far keys must cover [{start}, {kv}) and [0, {end}), got {k_near.shape[2]}, {k_far.shape[2]}")
+        raise ValueError(
+            f"near/far keys must cover [{start}, {kv}) and [0, {end}), got {k_near.shape[2]}, {k_far.shape[2]}"
+        )
     hkv = v.shape[1]
     dt = _compute_dtype(q_near.dtype)
     i = torch.arange(kv - q_len, kv, device=v.device).unsqueeze(1)
