@@ -36,7 +36,8 @@ Tensor = torch.Tensor
 
 
 def merge_attention_parts(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
-    """Merge two attentions over disjoint key sets into the attention over their union.
+    """Merge two attentions over disjoint key sets into the attention over their union, **in place** in ``out_a``,
+    ``lse_a`` (``out_b`` is overwritten too: it serves as scratch space).
 
     Args:
         out_a: ``[B, H, n, D]`` output of the first part.
@@ -45,15 +46,15 @@ def merge_attention_parts(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Te
         lse_b: Log-sum-exp of the second part.
 
     Returns:
-        ``(out, lse)``: the merged output (dtype of ``out_a``) and log-sum-exp (dtype of ``lse_a``).
+        ``(out_a, lse_a)`` holding the merged output and log-sum-exp.
     """
     lse = torch.logaddexp(lse_a, lse_b)
     # a row that saw no key in either part has lse = -inf; give it weight 0 instead of NaN
     safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    w_a = torch.exp(lse_a - safe).unsqueeze(-1)
-    w_b = torch.exp(lse_b - safe).unsqueeze(-1)
-    out = (out_a * w_a + out_b * w_b).to(out_a.dtype)
-    return out, lse
+    out_a.mul_(torch.exp(lse_a - safe).unsqueeze(-1))
+    out_a.add_(out_b.mul_(torch.exp(lse_b - safe).unsqueeze(-1)))
+    lse_a.copy_(lse)
+    return out_a, lse_a
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -125,8 +126,9 @@ MATH_KERNEL = _Kernel("math", _math_forward, _math_backward)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Near part as a banded attention: query block b (w queries) sees the 2w keys before and including it, under one
-# shared w x 2w band mask, so the whole window attention is a single batched kernel call.
+# Near part as a banded attention: query block b (queries [(b+1)w, (b+2)w)) sees the 2w keys [bw, (b+2)w) under one
+# shared w x 2w band mask. Blocks and bands are strided *views* (bands overlap), so one kernel call per batch row
+# covers all full blocks without copying q, k or v.
 
 
 def _band_mask(window: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -136,97 +138,94 @@ def _band_mask(window: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.zeros(window, 2 * window, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
 
 
-def _to_query_blocks(x: Tensor, window: int, num_blocks: int) -> Tensor:
-    """``x[:, :, w:]`` zero-padded to ``num_blocks * w`` rows, as ``[B * num_blocks, H, w, ...]``."""
-    b, h = x.shape[:2]
-    rest = x[:, :, window:]
-    pad = num_blocks * window - rest.shape[2]
-    if pad:
-        rest = torch.cat([rest, rest.new_zeros(b, h, pad, *rest.shape[3:])], dim=2)
-    rest = rest.reshape(b, h, num_blocks, window, *rest.shape[3:]).transpose(1, 2)
-    return rest.reshape(b * num_blocks, h, window, *rest.shape[4:])
+def _blocks(x: Tensor, row: int, start: int, count: int, length: int, step: int) -> Tensor:
+    """View ``[count, H, length, ...]`` of batch row ``row`` of ``x [B, H, n, ...]``: block c holds tokens
+    ``[start + c * step, start + c * step + length)`` (overlapping when ``length > step``)."""
+    stride_b, stride_h, stride_n = x.stride()[:3]
+    return x.as_strided(
+        (count, x.shape[1], length, *x.shape[3:]),
+        (step * stride_n, stride_h, stride_n, *x.stride()[3:]),
+        x.storage_offset() + row * stride_b + start * stride_n,
+    )
 
 
-def _from_query_blocks(x: Tensor, batch: int, n: int, window: int) -> Tensor:
-    """Inverse of :func:`_to_query_blocks` (drops the padding): ``[B, H, n - w, ...]``."""
-    num_blocks, h = x.shape[0] // batch, x.shape[1]
-    x = x.reshape(batch, num_blocks, h, window, *x.shape[3:]).transpose(1, 2)
-    return x.reshape(batch, h, num_blocks * window, *x.shape[4:])[:, :, : n - window]
-
-
-def _to_key_bands(x: Tensor, window: int, num_blocks: int) -> Tensor:
-    """Overlapping 2w-key bands ``[B * num_blocks, H, 2w, D]``: band b holds keys ``[b w, (b + 2) w)``."""
-    b, h, n, d = x.shape
-    pad = (num_blocks + 1) * window - n
-    if pad:
-        x = torch.cat([x, x.new_zeros(b, h, pad, d)], dim=2)
-    bands = x.unfold(2, 2 * window, window)  # [B, H, num_blocks, D, 2w]
-    return bands.permute(0, 2, 1, 4, 3).reshape(b * num_blocks, h, 2 * window, d)
-
-
-def _from_key_bands(x: Tensor, batch: int, n: int, window: int) -> Tensor:
-    """Sum overlapping band gradients back onto the keys: ``[B * nb, H, 2w, D]`` -> ``[B, H, n, D]``."""
-    num_blocks, h, d = x.shape[0] // batch, x.shape[1], x.shape[3]
-    x = x.reshape(batch, num_blocks, h, 2, window, d)
-    total = x.new_zeros(batch, num_blocks + 1, h, window, d)
-    total[:, :num_blocks] += x[:, :, :, 0]
-    total[:, 1:] += x[:, :, :, 1]
-    return total.transpose(1, 2).reshape(batch, h, (num_blocks + 1) * window, d)[:, :, :n]
+def _near_layout(n: int, window: int) -> tuple[int, int]:
+    """Number of full query blocks after the first window, and where the remaining partial block starts."""
+    full = (n - window) // window
+    return full, window + full * window
 
 
 def _near_forward(kernel: _Kernel, q: Tensor, k: Tensor, v: Tensor, window: int, scale: float):
-    b, _, n, _ = q.shape
-    if n <= window:
-        return kernel.forward(q, k, v, True, None, scale)
-    out0, lse0 = kernel.forward(q[:, :, :window], k[:, :, :window], v[:, :, :window], True, None, scale)
-    nb = -(-(n - window) // window)
-    mask = _band_mask(window, q.dtype, q.device)
-    out_b, lse_b = kernel.forward(
-        _to_query_blocks(q, window, nb), _to_key_bands(k, window, nb), _to_key_bands(v, window, nb), False, mask, scale
-    )
-    out = torch.cat([out0, _from_query_blocks(out_b, b, n, window)], dim=2)
-    lse = torch.cat([lse0, _from_query_blocks(lse_b, b, n, window)], dim=2)
+    b, h, n, _ = q.shape
+    w = window
+    out0, lse0 = kernel.forward(q[:, :, :w], k[:, :, :w], v[:, :, :w], True, None, scale)
+    if n <= w:
+        return out0, lse0
+    out = torch.empty(b, n, h, v.shape[-1], dtype=out0.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty(b, h, n, dtype=lse0.dtype, device=q.device)
+    out[:, :, :w], lse[:, :, :w] = out0, lse0
+    mask = _band_mask(w, q.dtype, q.device)
+    full, tail = _near_layout(n, w)
+    if full:
+        for row in range(b):
+            o, o_lse = kernel.forward(
+                _blocks(q, row, w, full, w, w), _blocks(k, row, 0, full, 2 * w, w), _blocks(v, row, 0, full, 2 * w, w),
+                False, mask, scale,
+            )  # fmt: skip
+            _blocks(out, row, w, full, w, w).copy_(o)
+            _blocks(lse, row, w, full, w, w).copy_(o_lse)
+    if tail < n:
+        m = n - tail
+        o, o_lse = kernel.forward(
+            q[:, :, tail:], k[:, :, tail - w :], v[:, :, tail - w :], False, mask[:m, : m + w], scale
+        )
+        out[:, :, tail:], lse[:, :, tail:] = o, o_lse
     return out, lse
 
 
 def _near_backward(kernel: _Kernel, dout, q, k, v, out, lse, window: int, scale: float):
     b, _, n, _ = q.shape
-    if n <= window:
-        return kernel.backward(dout, q, k, v, out, lse, True, None, scale)
     w = window
     dq0, dk0, dv0 = kernel.backward(
         dout[:, :, :w], q[:, :, :w], k[:, :, :w], v[:, :, :w], out[:, :, :w], lse[:, :, :w], True, None, scale
     )
-    nb = -(-(n - w) // w)
-    # padded query rows have zero query, output and incoming gradient, and lse 0: they contribute exactly nothing
-    dq_b, dk_b, dv_b = kernel.backward(
-        _to_query_blocks(dout, w, nb),
-        _to_query_blocks(q, w, nb),
-        _to_key_bands(k, w, nb),
-        _to_key_bands(v, w, nb),
-        _to_query_blocks(out, w, nb),
-        _to_query_blocks(lse, w, nb),
-        False,
-        _band_mask(w, q.dtype, q.device),
-        scale,
-    )
-    dq = torch.cat([dq0, _from_query_blocks(dq_b, b, n, w)], dim=2)
-    dk = _from_key_bands(dk_b, b, n, w)
-    dv = _from_key_bands(dv_b, b, n, w)
-    dk[:, :, :w] += dk0
-    dv[:, :, :w] += dv0
+    if n <= w:
+        return dq0, dk0, dv0
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq[:, :, :w], dk[:, :, :w], dv[:, :, :w] = dq0, dk0, dv0
+    mask = _band_mask(w, q.dtype, q.device)
+    full, tail = _near_layout(n, w)
+    if full:
+        for row in range(b):
+            gq, gk, gv = kernel.backward(
+                _blocks(dout, row, w, full, w, w), _blocks(q, row, w, full, w, w), _blocks(k, row, 0, full, 2 * w, w),
+                _blocks(v, row, 0, full, 2 * w, w), _blocks(out, row, w, full, w, w), _blocks(lse, row, w, full, w, w),
+                False, mask, scale,
+            )  # fmt: skip
+            _blocks(dq, row, w, full, w, w).copy_(gq)
+            for grad, band in ((dk, gk), (dv, gv)):  # the two halves of each band land on consecutive key blocks
+                _blocks(grad, row, 0, full, w, w).add_(band[:, :, :w])
+                _blocks(grad, row, w, full, w, w).add_(band[:, :, w:])
+    if tail < n:
+        m = n - tail
+        gq, gk, gv = kernel.backward(
+            dout[:, :, tail:], q[:, :, tail:], k[:, :, tail - w :], v[:, :, tail - w :], out[:, :, tail:],
+            lse[:, :, tail:], False, mask[:m, : m + w], scale,
+        )  # fmt: skip
+        dq[:, :, tail:] = gq
+        dk[:, :, tail - w :] += gk
+        dv[:, :, tail - w :] += gv
     return dq, dk, dv
 
 
 def _two_part_forward(kernel: _Kernel, q_near, k_near, q_far, k_far, v, window: int, scale: float):
     n = q_near.shape[2]
     out, lse = _near_forward(kernel, q_near, k_near, v, window, scale)
-    if n <= window:
-        return out, lse
-    m = n - window
-    out_far, lse_far = kernel.forward(q_far[:, :, window:], k_far[:, :, :m], v[:, :, :m], True, None, scale)
-    merged, merged_lse = merge_attention_parts(out[:, :, window:], lse[:, :, window:], out_far, lse_far)
-    return torch.cat([out[:, :, :window], merged], dim=2), torch.cat([lse[:, :, :window], merged_lse], dim=2)
+    if n > window:
+        m = n - window
+        out_far, lse_far = kernel.forward(q_far[:, :, window:], k_far[:, :, :m], v[:, :, :m], True, None, scale)
+        merge_attention_parts(out[:, :, window:], lse[:, :, window:], out_far, lse_far)
+    return out, lse
 
 
 class _TwoPartAttention(torch.autograd.Function):
@@ -279,8 +278,8 @@ def _flash_two_part_forward(q_near, k_near, q_far, k_far, v, window: int, scale:
         to_flash(q_far[:, :, window:]), to_flash(k_far[:, :, :m]), to_flash(v[:, :, :m]), softmax_scale=scale,
         causal=True, return_attn_probs=True,
     )  # fmt: skip
-    merged, _ = merge_attention_parts(out[:, :, window:], lse[:, :, window:], out_far.transpose(1, 2), lse_far)
-    return torch.cat([out[:, :, :window], merged], dim=2)
+    merge_attention_parts(out[:, :, window:], lse[:, :, window:], out_far.transpose(1, 2), lse_far)
+    return out
 
 
 def _check_shapes(q_near: Tensor, k_near: Tensor, q_far: Tensor, k_far: Tensor, v: Tensor) -> None:
@@ -408,3 +407,50 @@ def two_part_attention_dense(
     if end:
         out = out + torch.matmul(p[..., n_near:], v[:, :, :end].unsqueeze(2))
     return out.reshape(b, h, q_len, -1)
+
+
+def two_part_attention_decode(
+    q_near: Tensor,
+    k_near: Tensor,
+    q_far: Tensor,
+    k_far: Tensor,
+    v: Tensor,
+    *,
+    window: int,
+    scale: float,
+    key_valid: Tensor | None = None,
+) -> Tensor:
+    """One new query (decoding) against a ``kv``-token cache: both parts in a single CPU kernel call.
+
+    The near and far queries become two query rows over the keys ``[k_far; k_near]`` (in token order, since for one
+    query the far range ``[0, end)`` ends where the near range starts), each row masked to its own part; the two
+    rows are then merged by their log-sum-exps. Same contract as :func:`two_part_attention_dense` with ``q = 1``;
+    off CPU it falls back to that function.
+
+    Returns:
+        ``[B, H, 1, Dv]``.
+    """
+    kv, end = v.shape[2], k_far.shape[2]
+    if (
+        q_near.device.type != "cpu"
+        or q_near.shape[2] != 1
+        or (kv - k_near.shape[2], end) != near_far_ranges(1, kv, window)
+    ):
+        return two_part_attention_dense(
+            q_near, k_near, q_far, k_far, v, window=window, scale=scale, key_valid=key_valid
+        )
+    b = q_near.shape[0]
+    j = torch.arange(kv, device=v.device)
+    allowed = torch.stack([j >= end, j < end]).view(1, 1, 2, kv)  # row 0: near keys, row 1: far keys
+    if key_valid is not None:
+        allowed = allowed & key_valid.view(b, 1, 1, kv)
+    mask = torch.zeros(allowed.shape, dtype=q_near.dtype, device=v.device).masked_fill(~allowed, float("-inf"))
+    out, lse = CPU_KERNEL.forward(
+        torch.cat([q_near, q_far], dim=2), torch.cat([k_far, k_near], dim=2), v, False, mask, scale
+    )
+    # the kernel reports lse = 0 for a row that saw no key; such a part must weigh nothing
+    seen = allowed.any(dim=-1).expand(b, 1, 2)
+    lse = lse.masked_fill(~seen, float("-inf"))
+    out = out.masked_fill(~seen.unsqueeze(-1), 0.0)
+    merged, _ = merge_attention_parts(out[:, :, :1].clone(), lse[:, :, :1].clone(), out[:, :, 1:], lse[:, :, 1:])
+    return merged

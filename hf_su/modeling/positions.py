@@ -85,9 +85,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     if cos.dim() == 3:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     if rot == x.shape[-1]:
-        return (x * cos) + (rotate_half(x) * sin)
+        return _rotate(x, cos, sin)
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    return torch.cat(((x_rot * cos) + (rotate_half(x_rot) * sin), x_pass), dim=-1)
+    return torch.cat((_rotate(x_rot, cos, sin), x_pass), dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # (x * cos) + (rotate_half(x) * sin) with the same roundings, but in place on fresh temporaries: long prefills
+    # then hold two q/k-sized temporaries at a time instead of four
+    out = x * cos
+    partner = rotate_half(x)
+    partner.mul_(sin)
+    return out.add_(partner)
 
 
 def _check_settings(window: int, leaky: float | None) -> None:

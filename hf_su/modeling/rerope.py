@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import re
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -31,7 +32,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import near_far_ranges, two_part_attention, two_part_attention_dense
+from .attention import (
+    near_far_ranges,
+    two_part_attention,
+    two_part_attention_decode,
+    two_part_attention_dense,
+)
 from .positions import apply_rotary, check_rerope_settings, far_key_positions, far_query_positions, log_n_scale
 
 Tensor = torch.Tensor
@@ -67,7 +73,7 @@ class _LayerState:
 
     settings: ReRoPESettings
     apply_rerope: bool  # False: ordinary RoPE + the previous attention function
-    rope: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (like, positions [B, n]) -> (cos, sin)
+    rope: _Rope
     previous: Callable[..., tuple[Tensor, Tensor | None]]
     identity_at_zero: bool  # rotating to position 0 is the identity (ReRoPE's far keys can stay raw)
 
@@ -138,7 +144,8 @@ def patch_rerope(
     previous = _previous_implementation(attention_modules)
     name = _register_implementation(previous)
 
-    states = {module: _layer_state(module, rotary, settings, previous) for module in attention_modules}
+    ropes: dict[str, _Rope] = {}
+    states = {module: _layer_state(module, ropes, rotary, settings, previous) for module in attention_modules}
     if not any(s.apply_rerope for s in states.values()):
         raise ValueError("config.layer_types has no 'full_attention' layer: there is no layer to apply ReRoPE to")
 
@@ -272,7 +279,9 @@ def _previous_attention_function(module: nn.Module, previous: str) -> Callable[.
     return ALL_ATTENTION_FUNCTIONS[previous]
 
 
-def _layer_state(module: nn.Module, rotary: nn.Module, settings: ReRoPESettings, previous: str) -> _LayerState:
+def _layer_state(
+    module: nn.Module, ropes: dict[str, _Rope], rotary: nn.Module, settings: ReRoPESettings, previous: str
+) -> _LayerState:
     layer_types = getattr(module.config, "layer_types", None)
     layer_type = layer_types[module.layer_idx] if layer_types else "full_attention"
     apply_rerope = layer_type == "full_attention"
@@ -284,22 +293,15 @@ def _layer_state(module: nn.Module, rotary: nn.Module, settings: ReRoPESettings,
     if apply_rerope and getattr(module.config, "attn_logit_softcapping", None):
         raise ValueError("attention logit soft-capping is not supported by the ReRoPE attention")
 
-    takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
-    # call .forward, not the module: the patch's hook on the module hides the real cos/sin from everyone else
-    if takes_layer_type:
-
-        def rope(like: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-            return rotary.forward(like, positions, layer_type)
-    else:
-
-        def rope(like: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-            return rotary.forward(like, positions)
-
+    if layer_type not in ropes:
+        takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
+        ropes[layer_type] = _Rope(rotary, layer_type if takes_layer_type else None)
+    rope = ropes[layer_type]
     identity_at_zero = _check_rotation_convention(module, rope)
     return _LayerState(settings, apply_rerope, rope, _previous_attention_function(module, previous), identity_at_zero)
 
 
-def _check_rotation_convention(module: nn.Module, rope: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]) -> bool:
+def _check_rotation_convention(module: nn.Module, rope: _Rope) -> bool:
     """Refuse models whose rotation differs from the rotate-half layout ours uses; True if position 0 is identity."""
     reference = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
     if reference is None:
@@ -432,61 +434,111 @@ def rerope_attention_forward(
             f"{type(module).__name__} runs the ReRoPE attention implementation but was not patched by patch_rerope "
             "(is its config shared with a patched model? give each model its own config)"
         )
-    batch, _, q_len, _ = query.shape
-    kv_len = key.shape[2]
-    positions = kwargs.get("position_ids")
-    if positions is None:
-        positions = torch.arange(kv_len - q_len, kv_len, device=query.device).unsqueeze(0)
-    positions = positions.expand(batch, q_len)
-    # cached keys are the most recent kv_len tokens, ending at the last query
-    key_positions = positions[:, -1:] - torch.arange(kv_len - 1, -1, -1, device=query.device)
+    if state.apply_rerope:
+        if dropout and module.training:
+            raise ValueError("attention dropout is not supported by the ReRoPE attention; set attention_dropout=0")
+        for unsupported in ("s_aux", "cu_seq_lens_q", "cu_seq_lens_k", "sliding_window", "softcap"):
+            if kwargs.get(unsupported) is not None:
+                raise ValueError(f"the ReRoPE attention does not support {unsupported!r} in its layers")
+    tables = state.rope.tables(state, query, key.shape[2], kwargs.get("position_ids"), attention_mask)
 
     if not state.apply_rerope:
-        q = _rotate(query, state.rope, positions)
-        k = _rotate(key, state.rope, key_positions)
+        q, k = apply_rotary(query, *tables.q), apply_rotary(key, *tables.k)
         return state.previous(module, q, k, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
-    if dropout and module.training:
-        raise ValueError("attention dropout is not supported by the ReRoPE attention; set attention_dropout=0")
-    for unsupported in ("s_aux", "cu_seq_lens_q", "cu_seq_lens_k"):
-        if kwargs.get(unsupported) is not None:
-            raise ValueError(f"the ReRoPE attention does not support {unsupported!r} (packed sequences / sinks)")
-    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
-        raise ValueError("the ReRoPE attention does not support sliding_window or softcap in its layers")
-
-    settings = state.settings
-    w = settings.window
+    q_len, kv_len = query.shape[2], key.shape[2]
+    w = state.settings.window
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    valid = _key_validity(attention_mask, batch, kv_len)
-    _check_causal_mask(attention_mask, valid, q_len, kv_len)
-    _check_contiguous(positions, None if valid is None else valid[:, -q_len:])
+    if tables.log_n is not None:
+        query = query * tables.log_n
+    q_near, q_far = apply_rotary(query, *tables.q), apply_rotary(query, *tables.q_far)
 
-    if settings.log_scale_base is not None:
-        query = query * log_n_scale(positions, settings.log_scale_base).to(query.dtype)[:, None, :, None]
-    q_near = _rotate(query, state.rope, positions)
-    q_far = _rotate(query, state.rope, far_query_positions(positions, w, settings.leaky))
-
-    def far_keys(keys: Tensor, pos: Tensor) -> Tensor:
-        far_pos = far_key_positions(pos, settings.leaky)
-        if far_pos is None and not state.identity_at_zero:
-            far_pos = torch.zeros_like(pos)  # rope types that scale cos/sin (attention_scaling) scale raw keys too
-        return keys if far_pos is None else _rotate(keys, state.rope, far_pos)
+    def far_keys(keys: Tensor, stop: int) -> Tensor:
+        if tables.k_far is None:
+            return keys
+        return apply_rotary(keys, tables.k_far[0][:, :stop], tables.k_far[1][:, :stop])
 
     if q_len == kv_len and q_len > 1:
-        k_near = _rotate(key, state.rope, key_positions)
-        k_far = far_keys(key, key_positions)
-        out = _prefill(q_near, k_near, q_far, k_far, value, valid, w, scale)
+        k_near = apply_rotary(key, *tables.k)
+        out = _prefill(q_near, k_near, q_far, far_keys(key, kv_len), value, tables.valid, w, scale)
     else:
         start, end = near_far_ranges(q_len, kv_len, w)
-        k_near = _rotate(key[:, :, start:], state.rope, key_positions[:, start:])
-        k_far = far_keys(key[:, :, :end], key_positions[:, :end])
-        out = two_part_attention_dense(q_near, k_near, q_far, k_far, value, window=w, scale=scale, key_valid=valid)
+        k_near = apply_rotary(key[:, :, start:], tables.k[0][:, start:], tables.k[1][:, start:])
+        attend = two_part_attention_decode if q_len == 1 else two_part_attention_dense
+        out = attend(q_near, k_near, q_far, far_keys(key[:, :, :end], end), value, window=w, scale=scale,
+                     key_valid=tables.valid)  # fmt: skip
     return out.transpose(1, 2), None
 
 
-def _rotate(x: Tensor, rope: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], positions: Tensor) -> Tensor:
-    cos, sin = rope(x, positions)
-    return apply_rotary(x, cos, sin)
+@dataclass
+class _Tables:
+    """Everything one forward pass needs that is the same for all layers of a layer type: cos/sin tables
+    ``(cos, sin)`` for queries and keys (near and far), the log-n scale and the key padding."""
+
+    q: tuple[Tensor, Tensor]
+    k: tuple[Tensor, Tensor]
+    q_far: tuple[Tensor, Tensor] | None = None
+    k_far: tuple[Tensor, Tensor] | None = None  # None: far keys stay raw (ReRoPE)
+    log_n: Tensor | None = None  # [B, 1, q, 1]
+    valid: Tensor | None = None  # [B, kv] bool, None when no key is padding
+
+
+class _Rope:
+    """The cos/sin of the model's rotary module for one layer type, and the tables of the forward pass in progress.
+
+    Layers call :meth:`tables` with the ``position_ids`` / mask tensors the model hands to every layer; the first
+    layer computes them, the others reuse them (the key holds those very tensor objects, weakly).
+    """
+
+    def __init__(self, rotary: nn.Module, layer_type: str | None):
+        self.rotary, self.layer_type = rotary, layer_type
+        self._cache: dict[bool, tuple[tuple[Any, ...], _Tables]] = {}
+
+    def __call__(self, like: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        # .forward, not the module: the patch's hook on the module hides the real cos/sin from everyone else
+        if self.layer_type is None:
+            return self.rotary.forward(like, positions)
+        return self.rotary.forward(like, positions, self.layer_type)
+
+    def tables(self, state: _LayerState, query: Tensor, kv_len: int, position_ids, attention_mask) -> _Tables:
+        batch, _, q_len, _ = query.shape
+        key = (q_len, kv_len, batch, query.dtype, query.device)
+        if position_ids is not None:
+            key += (weakref.ref(position_ids), position_ids._version)
+            key += (None,) if attention_mask is None else (weakref.ref(attention_mask), attention_mask._version)
+            cached = self._cache.get(state.apply_rerope)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        tables = self._build(state, query, kv_len, position_ids, attention_mask)
+        if position_ids is not None:
+            self._cache[state.apply_rerope] = (key, tables)
+        return tables
+
+    def _build(self, state: _LayerState, query: Tensor, kv_len: int, position_ids, attention_mask) -> _Tables:
+        batch, _, q_len, _ = query.shape
+        if position_ids is None:
+            position_ids = torch.arange(kv_len - q_len, kv_len, device=query.device).unsqueeze(0)
+        positions = position_ids.expand(batch, q_len)
+        # cached keys are the most recent kv_len tokens, ending at the last query
+        key_positions = positions[:, -1:] - torch.arange(kv_len - 1, -1, -1, device=query.device)
+        tables = _Tables(q=self(query, positions), k=self(query, key_positions))
+        if not state.apply_rerope:
+            return tables
+        settings = state.settings
+        tables.valid = _key_validity(attention_mask, batch, kv_len)
+        _check_causal_mask(attention_mask, tables.valid, q_len, kv_len)
+        _check_contiguous(positions, None if tables.valid is None else tables.valid[:, -q_len:])
+        tables.q_far = self(query, far_query_positions(positions, settings.window, settings.leaky))
+        far_keys = far_key_positions(key_positions, settings.leaky)
+        if far_keys is None and not state.identity_at_zero:
+            far_keys = torch.zeros_like(
+                key_positions
+            )  # rope types that scale cos/sin (attention_scaling) scale raw keys too
+        if far_keys is not None:
+            tables.k_far = self(query, far_keys)
+        if settings.log_scale_base is not None:
+            tables.log_n = log_n_scale(positions, settings.log_scale_base).to(query.dtype)[:, None, :, None]
+        return tables
 
 
 def _prefill(q_near, k_near, q_far, k_far, value, valid: Tensor | None, window: int, scale: float) -> Tensor:
