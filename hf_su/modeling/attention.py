@@ -419,13 +419,15 @@ def two_part_attention_decode(
     window: int,
     scale: float,
     key_valid: Tensor | None = None,
+    mask: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """One new query (decoding) against a ``kv``-token cache: both parts in a single CPU kernel call.
 
     The near and far queries become two query rows over the keys ``[k_far; k_near]`` (in token order, since for one
     query the far range ``[0, end)`` ends where the near range starts), each row masked to its own part; the two
     rows are then merged by their log-sum-exps. Same contract as :func:`two_part_attention_dense` with ``q = 1``;
-    off CPU it falls back to that function.
+    off CPU it falls back to that function. ``mask`` may carry :func:`decode_mask`'s result, computed once for all
+    layers of a decoding step.
 
     Returns:
         ``[B, H, 1, Dv]``.
@@ -440,17 +442,26 @@ def two_part_attention_decode(
             q_near, k_near, q_far, k_far, v, window=window, scale=scale, key_valid=key_valid
         )
     b = q_near.shape[0]
-    j = torch.arange(kv, device=v.device)
-    allowed = torch.stack([j >= end, j < end]).view(1, 1, 2, kv)  # row 0: near keys, row 1: far keys
-    if key_valid is not None:
-        allowed = allowed & key_valid.view(b, 1, 1, kv)
-    mask = torch.zeros(allowed.shape, dtype=q_near.dtype, device=v.device).masked_fill(~allowed, float("-inf"))
+    mask, seen = decode_mask(kv, end, key_valid, q_near.dtype, q_near.device) if mask is None else mask
     out, lse = CPU_KERNEL.forward(
         torch.cat([q_near, q_far], dim=2), torch.cat([k_far, k_near], dim=2), v, False, mask, scale
     )
     # the kernel reports lse = 0 for a row that saw no key; such a part must weigh nothing
-    seen = allowed.any(dim=-1).expand(b, 1, 2)
+    seen = seen.expand(b, 1, 2)
     lse = lse.masked_fill(~seen, float("-inf"))
     out = out.masked_fill(~seen.unsqueeze(-1), 0.0)
     merged, _ = merge_attention_parts(out[:, :, :1].clone(), lse[:, :, :1].clone(), out[:, :, 1:], lse[:, :, 1:])
     return merged
+
+
+def decode_mask(
+    kv_len: int, end: int, key_valid: Tensor | None, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Additive mask ``[B|1, 1, 2, kv]`` of :func:`two_part_attention_decode` (row 0 near keys ``[end, kv)``, row 1
+    far keys ``[0, end)``, padding excluded) and which of the two rows see any key (``[B|1, 1, 2]`` bool)."""
+    j = torch.arange(kv_len, device=device)
+    allowed = torch.stack([j >= end, j < end]).view(1, 1, 2, kv_len)
+    if key_valid is not None:
+        allowed = allowed & key_valid.view(key_valid.shape[0], 1, 1, kv_len)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+    return mask, allowed.any(dim=-1)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .attention import (
+    decode_mask,
     near_far_ranges,
     two_part_attention,
     two_part_attention_decode,
@@ -463,10 +464,14 @@ def rerope_attention_forward(
         out = _prefill(q_near, k_near, q_far, far_keys(key, kv_len), value, tables.valid, w, scale)
     else:
         start, end = near_far_ranges(q_len, kv_len, w)
-        k_near = apply_rotary(key[:, :, start:], tables.k[0][:, start:], tables.k[1][:, start:])
-        attend = two_part_attention_decode if q_len == 1 else two_part_attention_dense
-        out = attend(q_near, k_near, q_far, far_keys(key[:, :, :end], end), value, window=w, scale=scale,
-                     key_valid=tables.valid)  # fmt: skip
+        k_near = apply_rotary(key[:, :, start:], *tables.k)
+        k_far = far_keys(key[:, :, :end], end)
+        if q_len == 1:
+            out = two_part_attention_decode(q_near, k_near, q_far, k_far, value, window=w, scale=scale,
+                                            key_valid=tables.valid, mask=tables.decode_mask)  # fmt: skip
+        else:
+            out = two_part_attention_dense(q_near, k_near, q_far, k_far, value, window=w, scale=scale,
+                                           key_valid=tables.valid)  # fmt: skip
     return out.transpose(1, 2), None
 
 
@@ -476,11 +481,12 @@ class _Tables:
     ``(cos, sin)`` for queries and keys (near and far), the log-n scale and the key padding."""
 
     q: tuple[Tensor, Tensor]
-    k: tuple[Tensor, Tensor]
+    k: tuple[Tensor, Tensor]  # all keys, except in ReRoPE layers continuing a cache: the near range only
     q_far: tuple[Tensor, Tensor] | None = None
     k_far: tuple[Tensor, Tensor] | None = None  # None: far keys stay raw (ReRoPE)
     log_n: Tensor | None = None  # [B, 1, q, 1]
     valid: Tensor | None = None  # [B, kv] bool, None when no key is padding
+    decode_mask: tuple[Tensor, Tensor] | None = None  # see attention.decode_mask (one-query steps on CPU)
 
 
 class _Rope:
@@ -521,10 +527,12 @@ class _Rope:
         positions = position_ids.expand(batch, q_len)
         # cached keys are the most recent kv_len tokens, ending at the last query
         key_positions = positions[:, -1:] - torch.arange(kv_len - 1, -1, -1, device=query.device)
-        tables = _Tables(q=self(query, positions), k=self(query, key_positions))
         if not state.apply_rerope:
-            return tables
+            return _Tables(q=self(query, positions), k=self(query, key_positions))
         settings = state.settings
+        # keys before `start` are far from every query: only the near range needs RoPE tables
+        start = 0 if q_len == kv_len else near_far_ranges(q_len, kv_len, settings.window)[0]
+        tables = _Tables(q=self(query, positions), k=self(query, key_positions[:, start:]))
         tables.valid = _key_validity(attention_mask, batch, kv_len)
         _check_causal_mask(attention_mask, tables.valid, q_len, kv_len)
         _check_contiguous(positions, None if tables.valid is None else tables.valid[:, -q_len:])
@@ -536,6 +544,9 @@ class _Rope:
             )  # rope types that scale cos/sin (attention_scaling) scale raw keys too
         if far_keys is not None:
             tables.k_far = self(query, far_keys)
+        if q_len == 1 and query.device.type == "cpu":
+            end = near_far_ranges(1, kv_len, settings.window)[1]
+            tables.decode_mask = decode_mask(kv_len, end, tables.valid, query.dtype, query.device)
         if settings.log_scale_base is not None:
             tables.log_n = log_n_scale(positions, settings.log_scale_base).to(query.dtype)[:, None, :, None]
         return tables
