@@ -199,3 +199,36 @@ def test_two_part_attention_validates_shapes():
         two_part_attention(q_near[:, :3], k_near, q_far[:, :3], k_far, v, window=2, scale=1.0)
     with pytest.raises(ValueError, match="kernel must be"):
         two_part_attention(q_near, k_near, q_far, k_far, v, window=2, scale=1.0, kernel="triton")
+
+
+def _fake_flash_attn_func(q, k, v, softmax_scale, causal, window_size=(-1, -1), return_attn_probs=False):
+    """A CPU stand-in with flash-attn's contract: [B, n, H, D] layout, bottom-right causal alignment,
+    ``window_size=(left, right)``, returns (out, softmax_lse [B, H, n], probs)."""
+    q, k, v = (t.transpose(1, 2).to(torch.float64) for t in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    nq, nk = q.shape[2], k.shape[2]
+    i = torch.arange(nq)[:, None] + (nk - nq)  # bottom-right alignment
+    j = torch.arange(nk)[None, :]
+    allowed = (j <= i) if causal else torch.ones(nq, nk, dtype=torch.bool)
+    if window_size[0] >= 0:
+        allowed = allowed & (i - j <= window_size[0])
+    scores = (q @ k.transpose(-1, -2) * softmax_scale).masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.softmax(scores, dim=-1) @ v
+    return out.transpose(1, 2).to(torch.float32), lse.to(torch.float32), None
+
+
+@pytest.mark.parametrize(("n", "window"), [(37, 8), (6, 9)])
+def test_flash_attn_path_matches_reference_with_a_cpu_stand_in(monkeypatch, n, window):
+    """The CUDA path's decomposition (sliding window + bottom-right causal far part, merged) checked on CPU."""
+    import sys
+    import types
+
+    from hf_su.modeling.attention import _flash_two_part_forward
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=_fake_flash_attn_func))
+    tensors = [t.detach() for t in _inputs(n, torch.float32)]
+    expected = _naive_two_part(*(t.double() for t in tensors), window, 0.3)
+    out = _flash_two_part_forward(*tensors, window, 0.3)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)

@@ -196,6 +196,29 @@ def test_window_at_least_length_equals_unpatched(make_tiny_model, arch):
     _assert_close(after, before, torch.float64)
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_inputs_shorter_than_the_window_equal_unpatched(make_tiny_model, n):
+    model = make_tiny_model("qwen2", dtype=torch.float64)
+    ids = _ids(2, n)
+    with torch.no_grad():
+        before = model(ids).logits
+        patch_rerope(model, WINDOW, leaky=LEAKY)
+        _assert_close(model(ids).logits, before, torch.float64)
+
+
+def test_bfloat16_model_runs_close_to_the_reference(make_tiny_model):
+    model = make_tiny_model("llama", dtype=torch.bfloat16)
+    ref = NaiveReRoPE(model, WINDOW, **MODES["rerope-logn"])
+    patch_rerope(model, WINDOW, **MODES["rerope-logn"])
+    ids = _ids()
+    with torch.no_grad():
+        out = model(ids).logits
+        torch.testing.assert_close(out.double(), ref.model(ids).logits, rtol=0, atol=3e-2)
+        out = model(ids[:, :9], use_cache=True)  # and decoding runs in bf16 too
+        out = model(ids[:, 9:10], cache=out.past_key_values, use_cache=True)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 3. Incremental decoding and left-padded batched generation
 
