@@ -232,3 +232,19 @@ def test_flash_attn_path_matches_reference_with_a_cpu_stand_in(monkeypatch, n, w
     expected = _naive_two_part(*(t.double() for t in tensors), window, 0.3)
     out = _flash_two_part_forward(*tensors, window, 0.3)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group", [1, 5])
+def test_two_part_attention_with_several_kernel_calls_per_row(monkeypatch, group):
+    """Near blocks split over several kernel calls (NEAR_GROUP_QUERIES small) give the same values and gradients."""
+    from hf_su.modeling import attention
+
+    monkeypatch.setattr(attention, "NEAR_GROUP_QUERIES", group)
+    tensors = _inputs(41, torch.float64)
+    expected = _naive_two_part(*tensors, 8, 0.3)
+    grad_out = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, tensors, grad_out)
+    out = two_part_attention(*tensors, window=8, scale=0.3, kernel="cpu")
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    for g, e in zip(torch.autograd.grad(out, tensors, grad_out), expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)

@@ -133,6 +133,7 @@ MATH_KERNEL = _Kernel("math", _math_forward, _math_backward)
 # kernel bigger tiles; 32-64 measured best on CPU (w = 512, torch 2.13).
 
 NEAR_BLOCK = 64
+NEAR_GROUP_QUERIES = 2048
 
 
 def _block_size(window: int) -> int:
@@ -157,6 +158,13 @@ def _blocks(x: Tensor, row: int, start: int, count: int, length: int, step: int)
     )
 
 
+def _block_groups(batch: int, full: int, block: int) -> list[tuple[int, int, int]]:
+    """``(row, first block, block count)`` per kernel call: about NEAR_GROUP_QUERIES queries per call bounds the
+    kernel's temporary outputs (and, in backward, the band gradients, (c + w) / c times the keys they cover)."""
+    per_call = max(1, NEAR_GROUP_QUERIES // block)
+    return [(row, first, min(per_call, full - first)) for row in range(batch) for first in range(0, full, per_call)]
+
+
 def _near_layout(n: int, window: int, block: int) -> tuple[int, int]:
     """Number of full query blocks after the first window, and where the remaining partial block starts."""
     full = (n - window) // block
@@ -174,14 +182,14 @@ def _near_forward(kernel: _Kernel, q: Tensor, k: Tensor, v: Tensor, window: int,
     out[:, :, :w], lse[:, :, :w] = out0, lse0
     mask = _band_mask(c, w, q.dtype, q.device)
     full, tail = _near_layout(n, w, c)
-    if full:
-        for row in range(b):
-            o, o_lse = kernel.forward(
-                _blocks(q, row, w, full, c, c), _blocks(k, row, 0, full, c + w, c), _blocks(v, row, 0, full, c + w, c),
-                False, mask, scale,
-            )  # fmt: skip
-            _blocks(out, row, w, full, c, c).copy_(o)
-            _blocks(lse, row, w, full, c, c).copy_(o_lse)
+    for row, first, count in _block_groups(b, full, c):
+        start = w + first * c
+        o, o_lse = kernel.forward(
+            _blocks(q, row, start, count, c, c), _blocks(k, row, start - w, count, c + w, c),
+            _blocks(v, row, start - w, count, c + w, c), False, mask, scale,
+        )  # fmt: skip
+        _blocks(out, row, start, count, c, c).copy_(o)
+        _blocks(lse, row, start, count, c, c).copy_(o_lse)
     if tail < n:
         m = n - tail
         o, o_lse = kernel.forward(
@@ -203,19 +211,19 @@ def _near_backward(kernel: _Kernel, dout, q, k, v, out, lse, window: int, scale:
     dq[:, :, :w], dk[:, :, :w], dv[:, :, :w] = dq0, dk0, dv0
     mask = _band_mask(c, w, q.dtype, q.device)
     full, tail = _near_layout(n, w, c)
-    if full:
-        for row in range(b):
-            gq, gk, gv = kernel.backward(
-                _blocks(dout, row, w, full, c, c), _blocks(q, row, w, full, c, c),
-                _blocks(k, row, 0, full, c + w, c), _blocks(v, row, 0, full, c + w, c),
-                _blocks(out, row, w, full, c, c), _blocks(lse, row, w, full, c, c), False, mask, scale,
-            )  # fmt: skip
-            _blocks(dq, row, w, full, c, c).copy_(gq)
-            # bands overlap: add their gradients back slice by slice (c keys at a time, non-overlapping views)
-            for grad, band in ((dk, gk), (dv, gv)):
-                for offset in range(0, c + w, c):
-                    size = min(c, c + w - offset)
-                    _blocks(grad, row, offset, full, size, c).add_(band[:, :, offset : offset + size])
+    for row, first, count in _block_groups(b, full, c):
+        start = w + first * c
+        gq, gk, gv = kernel.backward(
+            _blocks(dout, row, start, count, c, c), _blocks(q, row, start, count, c, c),
+            _blocks(k, row, start - w, count, c + w, c), _blocks(v, row, start - w, count, c + w, c),
+            _blocks(out, row, start, count, c, c), _blocks(lse, row, start, count, c, c), False, mask, scale,
+        )  # fmt: skip
+        _blocks(dq, row, start, count, c, c).copy_(gq)
+        # bands overlap: add their gradients back slice by slice (c keys at a time, non-overlapping views)
+        for grad, band in ((dk, gk), (dv, gv)):
+            for offset in range(0, c + w, c):
+                size = min(c, c + w - offset)
+                _blocks(grad, row, start - w + offset, count, size, c).add_(band[:, :, offset : offset + size])
     if tail < n:
         m = n - tail
         gq, gk, gv = kernel.backward(
@@ -420,9 +428,8 @@ def two_part_attention_dense(
 
 
 def two_part_attention_decode(
-    q_near: Tensor,
+    queries: Tensor,
     k_near: Tensor,
-    q_far: Tensor,
     k_far: Tensor,
     v: Tensor,
     *,
@@ -433,45 +440,42 @@ def two_part_attention_decode(
 ) -> Tensor:
     """One new query (decoding) against a ``kv``-token cache: both parts in a single CPU kernel call.
 
-    The near and far queries become two query rows over the keys ``[k_far; k_near]`` (in token order, since for one
-    query the far range ``[0, end)`` ends where the near range starts), each row masked to its own part; the two
-    rows are then merged by their log-sum-exps. Same contract as :func:`two_part_attention_dense` with ``q = 1``;
-    off CPU it falls back to that function. ``mask`` may carry :func:`decode_mask`'s result, computed once for all
-    layers of a decoding step.
+    ``queries [B, H, 2, D]`` holds the near query (row 0) and the far query (row 1) of the one new token. They attend
+    over the keys ``[k_far; k_near]`` (token order: for one query the far range ``[0, end)`` ends where the near range
+    starts), each row masked to its own part, and the rows are merged by their log-sum-exps. Otherwise the contract
+    of :func:`two_part_attention_dense` with ``q = 1``, to which it falls back off CPU. ``mask`` may carry
+    :func:`decode_mask`'s result, computed once for all layers of a decoding step.
 
     Returns:
         ``[B, H, 1, Dv]``.
     """
     kv, end = v.shape[2], k_far.shape[2]
-    if (
-        q_near.device.type != "cpu"
-        or q_near.shape[2] != 1
-        or (kv - k_near.shape[2], end) != near_far_ranges(1, kv, window)
-    ):
+    if queries.shape[2] != 2 or (kv - k_near.shape[2], end) != near_far_ranges(1, kv, window):
+        raise ValueError(f"expected 2 query rows and keys split at {near_far_ranges(1, kv, window)}")
+    if queries.device.type != "cpu":
         return two_part_attention_dense(
-            q_near, k_near, q_far, k_far, v, window=window, scale=scale, key_valid=key_valid
+            queries[:, :, :1], k_near, queries[:, :, 1:], k_far, v, window=window, scale=scale, key_valid=key_valid
         )
-    b = q_near.shape[0]
-    mask, seen = decode_mask(kv, end, key_valid, q_near.dtype, q_near.device) if mask is None else mask
-    out, lse = CPU_KERNEL.forward(
-        torch.cat([q_near, q_far], dim=2), torch.cat([k_far, k_near], dim=2), v, False, mask, scale
-    )
-    # the kernel reports lse = 0 for a row that saw no key; such a part must weigh nothing
-    seen = seen.expand(b, 1, 2)
-    lse = lse.masked_fill(~seen, float("-inf"))
-    out = out.masked_fill(~seen.unsqueeze(-1), 0.0)
-    merged, _ = merge_attention_parts(out[:, :, :1].clone(), lse[:, :, :1].clone(), out[:, :, 1:], lse[:, :, 1:])
-    return merged
+    mask, lse_bias = decode_mask(kv, end, key_valid, queries.dtype, queries.device) if mask is None else mask
+    out, lse = CPU_KERNEL.forward(queries, torch.cat([k_far, k_near], dim=2), v, False, mask, scale)
+    # the kernel reports lse = 0 (and output 0) for a row that saw no key: the bias makes that part weigh nothing
+    weights = torch.softmax(lse + lse_bias, dim=-1).unsqueeze(-1)
+    return (out * weights).sum(dim=2, keepdim=True).to(v.dtype)
 
 
 def decode_mask(
     kv_len: int, end: int, key_valid: Tensor | None, dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """Additive mask ``[B|1, 1, 2, kv]`` of :func:`two_part_attention_decode` (row 0 near keys ``[end, kv)``, row 1
-    far keys ``[0, end)``, padding excluded) and which of the two rows see any key (``[B|1, 1, 2]`` bool)."""
+    """The additive mask ``[B|1, 1, 2, kv]`` of :func:`two_part_attention_decode` (row 0: near keys ``[end, kv)``,
+    row 1: far keys ``[0, end)``, padding excluded) and a log-sum-exp bias ``[B|1, 1, 2]``: ``-inf`` for a row that
+    sees no key, else 0."""
     j = torch.arange(kv_len, device=device)
     allowed = torch.stack([j >= end, j < end]).view(1, 1, 2, kv_len)
     if key_valid is not None:
         allowed = allowed & key_valid.view(key_valid.shape[0], 1, 1, kv_len)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
-    return mask, allowed.any(dim=-1)
+    lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    lse_bias = torch.zeros(allowed.shape[:3], dtype=lse_dtype, device=device).masked_fill(
+        ~allowed.any(-1), float("-inf")
+    )
+    return mask, lse_bias

@@ -156,13 +156,19 @@ def patch_rerope(
     ]
     for module, layer_state in states.items():
         setattr(module, _STATE_ATTRIBUTE, layer_state)
-    model.set_attn_implementation(name)
     setattr(model, _STATE_ATTRIBUTE, _ModelState(settings, previous, hooks))
+    try:
+        model.set_attn_implementation(name)
+        wrong = [m for m in attention_modules if m.config._attn_implementation != name]
+        if wrong:
+            raise ValueError(f"could not switch {type(wrong[0]).__name__} to the ReRoPE attention implementation")
+    except Exception:
+        saved = getattr(model.config, CONFIG_ATTRIBUTE, None)
+        unpatch_rerope(model)  # leave the model exactly as it came, saved settings included
+        if saved is not None:
+            setattr(model.config, CONFIG_ATTRIBUTE, saved)
+        raise
     setattr(model.config, CONFIG_ATTRIBUTE, settings.to_dict())
-    wrong = [m for m in attention_modules if m.config._attn_implementation != name]
-    if wrong:
-        unpatch_rerope(model)
-        raise ValueError(f"could not switch {type(wrong[0]).__name__} to the ReRoPE attention implementation")
     return model
 
 
@@ -452,26 +458,24 @@ def rerope_attention_forward(
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if tables.log_n is not None:
         query = query * tables.log_n
-    q_near, q_far = apply_rotary(query, *tables.q), apply_rotary(query, *tables.q_far)
+    start, end = near_far_ranges(q_len, kv_len, w)
 
-    def far_keys(keys: Tensor, stop: int) -> Tensor:
-        if tables.k_far is None:
-            return keys
-        return apply_rotary(keys, tables.k_far[0][:, :stop], tables.k_far[1][:, :stop])
+    def far_keys(keys: Tensor) -> Tensor:
+        return keys if tables.k_far is None else apply_rotary(keys, *tables.k_far)
 
-    if q_len == kv_len and q_len > 1:
-        k_near = apply_rotary(key, *tables.k)
-        out = _prefill(q_near, k_near, q_far, far_keys(key, kv_len), value, tables.valid, w, scale)
-    else:
-        start, end = near_far_ranges(q_len, kv_len, w)
+    if q_len == 1:  # decoding: near and far query as two rows of one kernel call
+        queries = apply_rotary(query.expand(-1, -1, 2, -1), *tables.q)
         k_near = apply_rotary(key[:, :, start:], *tables.k)
-        k_far = far_keys(key[:, :, :end], end)
-        if q_len == 1:
-            out = two_part_attention_decode(q_near, k_near, q_far, k_far, value, window=w, scale=scale,
-                                            key_valid=tables.valid, mask=tables.decode_mask)  # fmt: skip
-        else:
-            out = two_part_attention_dense(q_near, k_near, q_far, k_far, value, window=w, scale=scale,
-                                           key_valid=tables.valid)  # fmt: skip
+        out = two_part_attention_decode(queries, k_near, far_keys(key[:, :, :end]), value, window=w, scale=scale,
+                                        key_valid=tables.valid, mask=tables.decode_mask)  # fmt: skip
+        return out.transpose(1, 2), None
+    q_near, q_far = apply_rotary(query, *tables.q), apply_rotary(query, *tables.q_far)
+    if q_len == kv_len:
+        out = _prefill(q_near, apply_rotary(key, *tables.k), q_far, far_keys(key), value, tables.valid, w, scale)
+    else:  # a chunk continuing a cache
+        k_near = apply_rotary(key[:, :, start:], *tables.k)
+        out = two_part_attention_dense(q_near, k_near, q_far, far_keys(key[:, :, :end]), value, window=w,
+                                       scale=scale, key_valid=tables.valid)  # fmt: skip
     return out.transpose(1, 2), None
 
 
@@ -480,10 +484,10 @@ class _Tables:
     """Everything one forward pass needs that is the same for all layers of a layer type: cos/sin tables
     ``(cos, sin)`` for queries and keys (near and far), the log-n scale and the key padding."""
 
-    q: tuple[Tensor, Tensor]
+    q: tuple[Tensor, Tensor]  # decoding (one query): rows near, far stacked
     k: tuple[Tensor, Tensor]  # all keys, except in ReRoPE layers continuing a cache: the near range only
     q_far: tuple[Tensor, Tensor] | None = None
-    k_far: tuple[Tensor, Tensor] | None = None  # None: far keys stay raw (ReRoPE)
+    k_far: tuple[Tensor, Tensor] | None = None  # the far range only; None: far keys stay raw (ReRoPE)
     log_n: Tensor | None = None  # [B, 1, q, 1]
     valid: Tensor | None = None  # [B, kv] bool, None when no key is padding
     decode_mask: tuple[Tensor, Tensor] | None = None  # see attention.decode_mask (one-query steps on CPU)
@@ -530,25 +534,24 @@ class _Rope:
         if not state.apply_rerope:
             return _Tables(q=self(query, positions), k=self(query, key_positions))
         settings = state.settings
-        # keys before `start` are far from every query: only the near range needs RoPE tables
-        start = 0 if q_len == kv_len else near_far_ranges(q_len, kv_len, settings.window)[0]
-        tables = _Tables(q=self(query, positions), k=self(query, key_positions[:, start:]))
-        tables.valid = _key_validity(attention_mask, batch, kv_len)
-        _check_causal_mask(attention_mask, tables.valid, q_len, kv_len)
-        _check_contiguous(positions, None if tables.valid is None else tables.valid[:, -q_len:])
+        valid = _key_validity(attention_mask, batch, kv_len)
+        _check_causal_mask(attention_mask, valid, q_len, kv_len)
+        _check_contiguous(positions, None if valid is None else valid[:, -q_len:])
+        start, end = (0, kv_len) if q_len == kv_len else near_far_ranges(q_len, kv_len, settings.window)
+        # keys before `start` are far from every query and keys from `end` on are near to every query
+        tables = _Tables(q=self(query, positions), k=self(query, key_positions[:, start:]), valid=valid)
         tables.q_far = self(query, far_query_positions(positions, settings.window, settings.leaky))
-        far_keys = far_key_positions(key_positions, settings.leaky)
+        far_keys = far_key_positions(key_positions[:, :end], settings.leaky)
         if far_keys is None and not state.identity_at_zero:
-            far_keys = torch.zeros_like(
-                key_positions
-            )  # rope types that scale cos/sin (attention_scaling) scale raw keys too
+            far_keys = torch.zeros_like(key_positions[:, :end])  # rope types that scale cos/sin scale raw keys too
         if far_keys is not None:
             tables.k_far = self(query, far_keys)
-        if q_len == 1 and query.device.type == "cpu":
-            end = near_far_ranges(1, kv_len, settings.window)[1]
-            tables.decode_mask = decode_mask(kv_len, end, tables.valid, query.dtype, query.device)
         if settings.log_scale_base is not None:
             tables.log_n = log_n_scale(positions, settings.log_scale_base).to(query.dtype)[:, None, :, None]
+        if q_len == 1:
+            tables.q = tuple(torch.cat(pair, dim=1) for pair in zip(tables.q, tables.q_far))  # rows: near, far
+            if query.device.type == "cpu":
+                tables.decode_mask = decode_mask(kv_len, end, tables.valid, query.dtype, query.device)
         return tables
 
 
