@@ -236,13 +236,28 @@ def _near_backward(kernel: _Kernel, dout, q, k, v, out, lse, window: int, scale:
     return dq, dk, dv
 
 
+# Far part: query i >= w sees keys j <= i - w, i.e. far row t = i - w is causal over keys [0, t]. It runs in chunks of
+# FAR_CHUNK rows [s, e): keys [s, e) as a causal square plus keys [0, s) fully visible, so the kernel's temporary
+# output stays chunk-sized and is merged into the near output right away (peak memory ~ one extra q-sized tensor).
+
+FAR_CHUNK = 4096
+
+
+def _far_chunks(m: int) -> list[tuple[int, int]]:
+    return [(s, min(s + FAR_CHUNK, m)) for s in range(0, m, FAR_CHUNK)]
+
+
 def _two_part_forward(kernel: _Kernel, q_near, k_near, q_far, k_far, v, window: int, scale: float):
-    n = q_near.shape[2]
-    out, lse = _near_forward(kernel, q_near, k_near, v, window, scale)
-    if n > window:
-        m = n - window
-        out_far, lse_far = kernel.forward(q_far[:, :, window:], k_far[:, :, :m], v[:, :, :m], True, None, scale)
-        merge_attention_parts(out[:, :, window:], lse[:, :, window:], out_far, lse_far)
+    n, w = q_near.shape[2], window
+    out, lse = _near_forward(kernel, q_near, k_near, v, w, scale)
+    for s, e in _far_chunks(n - w):
+        rows = q_far[:, :, w + s : w + e]
+        part, part_lse = kernel.forward(rows, k_far[:, :, s:e], v[:, :, s:e], True, None, scale)
+        if s:
+            merge_attention_parts(
+                part, part_lse, *kernel.forward(rows, k_far[:, :, :s], v[:, :, :s], False, None, scale)
+            )
+        merge_attention_parts(out[:, :, w + s : w + e], lse[:, :, w + s : w + e], part, part_lse)
     return out, lse
 
 
@@ -264,15 +279,19 @@ class _TwoPartAttention(torch.autograd.Function):
         dout = dout.contiguous()
         dq_near, dk_near, dv = _near_backward(kernel, dout, q_near, k_near, v, out, lse, w, scale)
         dq_far, dk_far = torch.zeros_like(q_far), torch.zeros_like(k_far)
-        if n > w:
-            m = n - w
-            dq_f, dk_f, dv_f = kernel.backward(
-                dout[:, :, w:], q_far[:, :, w:], k_far[:, :, :m], v[:, :, :m], out[:, :, w:], lse[:, :, w:],
-                True, None, scale,
-            )  # fmt: skip
-            dq_far[:, :, w:] = dq_f
-            dk_far[:, :, :m] = dk_f
-            dv[:, :, :m] += dv_f
+        for s, e in _far_chunks(n - w):
+            rows = slice(w + s, w + e)
+            args = (dout[:, :, rows], q_far[:, :, rows])
+            merged = (out[:, :, rows], lse[:, :, rows])
+            gq, gk, gv = kernel.backward(*args, k_far[:, :, s:e], v[:, :, s:e], *merged, True, None, scale)
+            dq_far[:, :, rows] = gq
+            dk_far[:, :, s:e] += gk
+            dv[:, :, s:e] += gv
+            if s:
+                gq, gk, gv = kernel.backward(*args, k_far[:, :, :s], v[:, :, :s], *merged, False, None, scale)
+                dq_far[:, :, rows] += gq
+                dk_far[:, :, :s] += gk
+                dv[:, :, :s] += gv
         return dq_near, dk_near, dq_far, dk_far, dv, None, None, None
 
 
