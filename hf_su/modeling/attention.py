@@ -9,12 +9,14 @@ softmax attention over a subset of keys, so the exact result is
 with ``lse`` each part's log-sum-exp of scores. For a prefill of ``n`` tokens the near part is a sliding-window causal
 attention and the far part is a plain causal attention of ``q_far[w:]`` over ``k_far[:n-w]``, so the total work is
 about one causal attention and memory stays O(n) (the reference implementation materialises two n x n matrices).
+Both parts run in chunks whose outputs are merged into one output buffer as they come.
 
 Kernels returning the log-sum-exp:
 
 * CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward op;
 * CUDA with flash-attn: ``flash_attn_func(..., window_size=(w - 1, 0), return_attn_probs=True)`` (inference);
-* anywhere else: an explicit "math" kernel (O(n^2) memory for the far part).
+* anywhere else (and for training on CUDA): an explicit "math" kernel, whose scores for one chunk of far rows at a
+  time take O(n * FAR_CHUNK) memory.
 
 Training uses :class:`_TwoPartAttention`, whose backward runs each part's backward kernel with the *merged* output and
 log-sum-exp (as ring attention does); that gives the exact gradient of the merged attention.
