@@ -1,6 +1,6 @@
 """ReRoPE benchmarks (issue #3): prefill time and memory, decoding per token, backward, versus causal SDPA + RoPE.
 
-Cases (fp32, CPU unless a GPU is present; B=1, H=8, D=64, w=512):
+Cases (fp32 on CPU; fp16 with flash-attn kernels where a CUDA GPU is present; B=1, H=8, D=64, w=512):
 
 * prefill attention at n=8192 (and 4096): ours (ReRoPE, Leaky ReRoPE) vs causal SDPA with ordinary RoPE, and the
   reference-style naive two-matrix attention where it fits in memory (n=4096; at n=8192 it needs ~8 GiB);
@@ -33,25 +33,34 @@ IMPLS = ("sdpa", "rerope", "leaky", "naive")
 
 def _cos_sin(positions: torch.Tensor, dim: int = HEAD_DIM) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    ang = positions.to(torch.float32)[:, None] * inv_freq
+    ang = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)
     emb = torch.cat([ang, ang], dim=-1)
     return emb.cos(), emb.sin()
 
 
-def make_prefill_case(n: int, impl: str, window: int = WINDOW, backward: bool = False) -> Callable[[], Any]:
+def _dtype(device: str) -> torch.dtype:
+    return torch.float16 if device.startswith("cuda") else torch.float32  # flash-attn kernels need half precision
+
+
+def make_prefill_case(
+    n: int, impl: str, window: int = WINDOW, backward: bool = False, device: str = "cpu"
+) -> Callable[[], Any]:
     """Set up un-rotated q, k, v and rotary tables; return the attention (with its rotations) as a callable."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, requires_grad=backward) for _ in range(3))
-    pos = torch.arange(n)
-    cos, sin = _cos_sin(pos)
+    dtype = _dtype(device)
+    q, k, v = (
+        torch.randn(1, HEADS, n, HEAD_DIM, device=device, dtype=dtype).requires_grad_(backward) for _ in range(3)
+    )
+    pos = torch.arange(n, device=device)
+    cos, sin = (t.to(dtype) for t in _cos_sin(pos))
     leaky = LEAKY if impl == "leaky" else None
-    cos_fq, sin_fq = _cos_sin(far_query_positions(pos, window, leaky))
+    cos_fq, sin_fq = (t.to(dtype) for t in _cos_sin(far_query_positions(pos, window, leaky)))
     far_k = far_key_positions(pos, leaky)
-    cos_fk, sin_fk = _cos_sin(far_k) if far_k is not None else (None, None)
+    cos_fk, sin_fk = (t.to(dtype) for t in _cos_sin(far_k)) if far_k is not None else (None, None)
     scale = HEAD_DIM**-0.5
-    grad = torch.randn(1, HEADS, n, HEAD_DIM) if backward else None
+    grad = torch.randn(1, HEADS, n, HEAD_DIM, device=device, dtype=dtype) if backward else None
 
     def attention() -> torch.Tensor:
         q_rot, k_rot = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -82,15 +91,15 @@ def make_prefill_case(n: int, impl: str, window: int = WINDOW, backward: bool = 
     return run_backward
 
 
-def make_decode_case(impl: str, cache_len: int = 4096, window: int = WINDOW) -> Callable[[], Any]:
+def make_decode_case(impl: str, cache_len: int = 4096, window: int = WINDOW, device: str = "cpu") -> Callable[[], Any]:
     """A 4-layer tiny llama with a ``cache_len`` cache; the callable decodes one token (the cache is cropped back)."""
     from hf_su.modeling.rerope import patch_rerope
     from hf_su.testing import tiny_causal_lm
 
-    model = tiny_causal_lm("llama", num_hidden_layers=4, max_position_embeddings=2 * cache_len)
+    model = tiny_causal_lm("llama", num_hidden_layers=4, max_position_embeddings=2 * cache_len).to(device)
     if impl != "unpatched":
         patch_rerope(model, window, leaky=LEAKY if impl == "leaky" else None)
-    ids = torch.randint(3, 500, (1, cache_len + 1), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 500, (1, cache_len + 1), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         cache = model(ids[:, :cache_len], use_cache=True).past_key_values
     step = ids[:, cache_len:]
@@ -103,6 +112,11 @@ def make_decode_case(impl: str, cache_len: int = 4096, window: int = WINDOW) -> 
     return run
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _alternate(cases: dict[str, Callable[[], Any]], reps: int, warmup: int) -> dict[str, Timing]:
     """Time the cases round-robin (one call each per round) so background load affects all of them alike."""
     for fn in cases.values():
@@ -111,26 +125,31 @@ def _alternate(cases: dict[str, Callable[[], Any]], reps: int, warmup: int) -> d
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(reps):
         for name, fn in cases.items():
+            _synchronize()
             start = time.perf_counter()
             fn()
+            _synchronize()
             times[name].append(time.perf_counter() - start)
     return {n: Timing(statistics.median(t), min(t), max(t), reps) for n, t in times.items()}
 
 
 def main() -> None:
-    args = bench_parser(__doc__).parse_args()
+    parser = bench_parser(__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    args = parser.parse_args()
+    device = args.device
     quick = args.quick
     n_main, n_naive, n_mem, n_bwd = (1024, 512, 2048, 512) if quick else (8192, 4096, 16384, 4096)
     window = 128 if quick else WINDOW
     cache_len = 512 if quick else 4096
 
     prefill = Report(
-        f"ReRoPE prefill attention (B=1, H={HEADS}, D={HEAD_DIM}, w={window}, fp32)",
+        f"ReRoPE prefill attention (B=1, H={HEADS}, D={HEAD_DIM}, w={window}, {_dtype(device)}, {device})",
         columns=["n", "case", "ms", "ratio vs SDPA+RoPE", "target"],
     )
     for n in (n_naive, n_main):
         impls = ["sdpa", "rerope", "leaky"] + (["naive"] if n == n_naive else [])
-        cases = {impl: make_prefill_case(n, impl, window) for impl in impls}
+        cases = {impl: make_prefill_case(n, impl, window, device=device) for impl in impls}
         timings = _alternate(cases, args.reps, args.warmup)
         for impl in impls:
             target = "<= 1.3 (stretch 1.1)" if impl in ("rerope", "leaky") and n == n_main else ""
@@ -151,7 +170,8 @@ def main() -> None:
     )
     for n, impls in ((n_naive, ("sdpa", "rerope", "naive")), (n_mem, ("sdpa", "rerope", "leaky"))):
         peaks = {
-            impl: peak_memory("benchmarks.rerope:make_prefill_case", n=n, impl=impl, window=window) for impl in impls
+            impl: peak_memory("benchmarks.rerope:make_prefill_case", n=n, impl=impl, window=window, device=device)
+            for impl in impls
         }
         for impl in impls:
             target = "<= 1.5" if impl in ("rerope", "leaky") and n == n_mem else ""
@@ -165,7 +185,7 @@ def main() -> None:
         f"Decoding one token, 4-layer tiny llama, {cache_len}-token cache (w={window})",
         columns=["case", "ms/token", "ratio vs unpatched", "target"],
     )
-    cases = {impl: make_decode_case(impl, cache_len, window) for impl in ("unpatched", "rerope", "leaky")}
+    cases = {impl: make_decode_case(impl, cache_len, window, device) for impl in ("unpatched", "rerope", "leaky")}
     timings = _alternate(cases, max(args.reps, 20), args.warmup)
     for impl, target in (("unpatched", ""), ("rerope", "<= 1.2"), ("leaky", "<= 1.5")):
         decode.add(
@@ -176,10 +196,13 @@ def main() -> None:
     decode.emit(None)
 
     backward = Report(
-        f"Attention forward + backward (B=1, H={HEADS}, D={HEAD_DIM}, w={window}, n={n_bwd}, fp32)",
+        f"Attention forward + backward (B=1, H={HEADS}, D={HEAD_DIM}, w={window}, n={n_bwd}, {_dtype(device)}, {device})",
         columns=["case", "ms", "ratio vs SDPA+RoPE", "target"],
     )
-    cases = {impl: make_prefill_case(n_bwd, impl, window, backward=True) for impl in ("sdpa", "rerope", "leaky")}
+    cases = {
+        impl: make_prefill_case(n_bwd, impl, window, backward=True, device=device)
+        for impl in ("sdpa", "rerope", "leaky")
+    }
     timings = _alternate(cases, args.reps, args.warmup)
     for impl in cases:
         target = "<= 1.5" if impl != "sdpa" else ""
