@@ -457,46 +457,55 @@ def two_part_attention_decode(
     window: int,
     scale: float,
     key_valid: Tensor | None = None,
-    mask: tuple[Tensor, Tensor] | None = None,
+    mask: tuple[Tensor | None, Tensor | None, Tensor | None] | None = None,
 ) -> Tensor:
-    """One new query (decoding) against a ``kv``-token cache: both parts in a single CPU kernel call.
+    """One new query (decoding) against a ``kv``-token cache, on CPU kernels without copying the cache.
 
-    ``queries [B, H, 2, D]`` holds the near query (row 0) and the far query (row 1) of the one new token. They attend
-    over the keys ``[k_far; k_near]`` (token order: for one query the far range ``[0, end)`` ends where the near range
-    starts), each row masked to its own part, and the rows are merged by their log-sum-exps. Otherwise the contract
-    of :func:`two_part_attention_dense` with ``q = 1``, to which it falls back off CPU. ``mask`` may carry
-    :func:`decode_mask`'s result, computed once for all layers of a decoding step.
+    ``queries [B, H, 2, D]`` holds the near query (row 0) and the far query (row 1) of the one new token; the near row
+    attends over ``k_near`` (the last keys, rotated), the far row over ``k_far`` (typically a view of the cached keys),
+    and the two are merged by their log-sum-exps. Otherwise the contract of :func:`two_part_attention_dense` with
+    ``q = 1``, to which it falls back off CPU. ``mask`` may carry :func:`decode_mask`'s result, computed once for all
+    layers of a decoding step.
 
     Returns:
         ``[B, H, 1, Dv]``.
     """
     kv, end = v.shape[2], k_far.shape[2]
-    if queries.shape[2] != 2 or (kv - k_near.shape[2], end) != near_far_ranges(1, kv, window):
+    start = kv - k_near.shape[2]
+    if queries.shape[2] != 2 or (start, end) != near_far_ranges(1, kv, window):
         raise ValueError(f"expected 2 query rows and keys split at {near_far_ranges(1, kv, window)}")
     if queries.device.type != "cpu":
         return two_part_attention_dense(
             queries[:, :, :1], k_near, queries[:, :, 1:], k_far, v, window=window, scale=scale, key_valid=key_valid
         )
-    mask, lse_bias = decode_mask(kv, end, key_valid, queries.dtype, queries.device) if mask is None else mask
-    out, lse = CPU_KERNEL.forward(queries, torch.cat([k_far, k_near], dim=2), v, False, mask, scale)
-    # the kernel reports lse = 0 (and output 0) for a row that saw no key: the bias makes that part weigh nothing
-    weights = torch.softmax(lse + lse_bias, dim=-1).unsqueeze(-1)
-    return (out * weights).sum(dim=2, keepdim=True).to(v.dtype)
+    near_mask, far_mask, lse_bias = decode_mask(kv, end, key_valid, queries.dtype) if mask is None else mask
+    out_near, lse_near = CPU_KERNEL.forward(queries[:, :, :1], k_near, v[:, :, start:], False, near_mask, scale)
+    if end == 0:
+        return out_near
+    out_far, lse_far = CPU_KERNEL.forward(queries[:, :, 1:], k_far, v[:, :, :end], False, far_mask, scale)
+    lse = torch.cat([lse_near, lse_far], dim=-1)
+    if lse_bias is not None:  # the kernel reports lse = 0 (output 0) for a row that saw no key: weigh it 0
+        lse = lse + lse_bias
+    weights = torch.softmax(lse, dim=-1).unsqueeze(-1)
+    return (out_near * weights[:, :, :1] + out_far * weights[:, :, 1:]).to(v.dtype)
 
 
 def decode_mask(
-    kv_len: int, end: int, key_valid: Tensor | None, dtype: torch.dtype, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """The additive mask ``[B|1, 1, 2, kv]`` of :func:`two_part_attention_decode` (row 0: near keys ``[end, kv)``,
-    row 1: far keys ``[0, end)``, padding excluded) and a log-sum-exp bias ``[B|1, 1, 2]``: ``-inf`` for a row that
-    sees no key, else 0."""
-    j = torch.arange(kv_len, device=device)
-    allowed = torch.stack([j >= end, j < end]).view(1, 1, 2, kv_len)
-    if key_valid is not None:
-        allowed = allowed & key_valid.view(key_valid.shape[0], 1, 1, kv_len)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+    kv_len: int, end: int, key_valid: Tensor | None, dtype: torch.dtype
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Padding masks of :func:`two_part_attention_decode`: additive ``[B, 1, 1, keys]`` masks for the near keys
+    ``[start, kv)`` and the far keys ``[0, end)``, and a log-sum-exp bias ``[B, 1, 2]`` (``-inf`` for a part that sees
+    no key); all None without padding."""
+    if key_valid is None:
+        return None, None, None
+    start, b = end, key_valid.shape[0]  # one query: the near range starts where the far range ends
+
+    def additive(valid: Tensor) -> Tensor:
+        return torch.zeros(b, 1, 1, valid.shape[1], dtype=dtype, device=valid.device).masked_fill(
+            ~valid.view(b, 1, 1, -1), float("-inf")
+        )
+
+    seen = torch.stack([key_valid[:, start:].any(-1), key_valid[:, :end].any(-1)], dim=-1).view(b, 1, 2)
     lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    lse_bias = torch.zeros(allowed.shape[:3], dtype=lse_dtype, device=device).masked_fill(
-        ~allowed.any(-1), float("-inf")
-    )
-    return mask, lse_bias
+    lse_bias = torch.zeros(b, 1, 2, dtype=lse_dtype, device=key_valid.device).masked_fill(~seen, float("-inf"))
+    return additive(key_valid[:, start:]), additive(key_valid[:, :end]), lse_bias

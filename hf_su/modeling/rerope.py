@@ -490,7 +490,7 @@ class _Tables:
     k_far: tuple[Tensor, Tensor] | None = None  # the far range only; None: far keys stay raw (ReRoPE)
     log_n: Tensor | None = None  # [B, 1, q, 1]
     valid: Tensor | None = None  # [B, kv] bool, None when no key is padding
-    decode_mask: tuple[Tensor, Tensor] | None = None  # see attention.decode_mask (one-query steps on CPU)
+    decode_mask: tuple[Tensor | None, Tensor | None, Tensor | None] | None = None  # attention.decode_mask's
 
 
 class _Rope:
@@ -551,7 +551,7 @@ class _Rope:
         if q_len == 1:
             tables.q = tuple(torch.cat(pair, dim=1) for pair in zip(tables.q, tables.q_far))  # rows: near, far
             if query.device.type == "cpu":
-                tables.decode_mask = decode_mask(kv_len, end, tables.valid, query.dtype, query.device)
+                tables.decode_mask = decode_mask(kv_len, end, tables.valid, query.dtype)
         return tables
 
 
