@@ -234,13 +234,16 @@ def test_flash_attn_path_matches_reference_with_a_cpu_stand_in(monkeypatch, n, w
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("group", "chunk"), [(1, 3), (5, 16)])
-def test_two_part_attention_with_several_kernel_calls_per_row(monkeypatch, group, chunk):
-    """Near blocks and far rows split over several kernel calls give the same values and gradients."""
+@pytest.mark.parametrize(("group", "chunk", "blocks"), [(1, 3, (1, 3)), (5, 16, (4, 2)), (64, 64, (3, 4))])
+def test_two_part_attention_with_several_kernel_calls_per_row(monkeypatch, group, chunk, blocks):
+    """Near blocks (of other sizes forward than backward) and far rows split over several kernel calls give the same
+    values and gradients."""
     from hf_su.modeling import attention
 
     monkeypatch.setattr(attention, "NEAR_GROUP_QUERIES", group)
     monkeypatch.setattr(attention, "FAR_CHUNK", chunk)
+    monkeypatch.setattr(attention, "NEAR_BLOCK", blocks[0])
+    monkeypatch.setattr(attention, "NEAR_BLOCK_BACKWARD", blocks[1])
     tensors = _inputs(41, torch.float64)
     expected = _naive_two_part(*tensors, 8, 0.3)
     grad_out = torch.randn_like(expected)

@@ -132,14 +132,16 @@ MATH_KERNEL = _Kernel("math", _math_forward, _math_backward)
 # [w + b c, w + (b+1) c) sees the c + w keys [b c, w + (b+1) c) under one shared c x (c + w) band mask. Blocks and
 # bands are strided *views* (bands overlap), so one kernel call per batch row covers all full blocks without copying
 # q, k or v. The band computes c + w scores per query for the w it needs: smaller c wastes less, larger c gives the
-# kernel bigger tiles; 32-64 measured best on CPU (w = 512, torch 2.13).
+# kernel bigger tiles. Forward and backward may partition the near pairs differently (each backward only needs the
+# merged out / lse): on CPU (w = 512, torch 2.13) c = 64 was fastest forward and c = 256 backward.
 
 NEAR_BLOCK = 64
+NEAR_BLOCK_BACKWARD = 256
 NEAR_GROUP_QUERIES = 2048
 
 
-def _block_size(window: int) -> int:
-    return max(1, min(window, NEAR_BLOCK, -(-window // 2)))
+def _block_size(window: int, preferred: int) -> int:
+    return max(1, min(window, preferred, -(-window // 2)))
 
 
 def _band_mask(block: int, window: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -175,7 +177,7 @@ def _near_layout(n: int, window: int, block: int) -> tuple[int, int]:
 
 def _near_forward(kernel: _Kernel, q: Tensor, k: Tensor, v: Tensor, window: int, scale: float):
     b, h, n, _ = q.shape
-    w, c = window, _block_size(window)
+    w, c = window, _block_size(window, NEAR_BLOCK)
     out0, lse0 = kernel.forward(q[:, :, :w], k[:, :, :w], v[:, :, :w], True, None, scale)
     if n <= w:
         return out0, lse0
@@ -203,7 +205,7 @@ def _near_forward(kernel: _Kernel, q: Tensor, k: Tensor, v: Tensor, window: int,
 
 def _near_backward(kernel: _Kernel, dout, q, k, v, out, lse, window: int, scale: float):
     b, _, n, _ = q.shape
-    w, c = window, _block_size(window)
+    w, c = window, _block_size(window, NEAR_BLOCK_BACKWARD)
     dq0, dk0, dv0 = kernel.backward(
         dout[:, :, :w], q[:, :, :w], k[:, :, :w], v[:, :, :w], out[:, :, :w], lse[:, :, :w], True, None, scale
     )
