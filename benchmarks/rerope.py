@@ -16,7 +16,11 @@ Run: ``flock /tmp/hf_su_bench.lock env PYTHONPATH=$PWD python -m benchmarks.rero
 
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +33,7 @@ from hf_su.modeling.positions import apply_rotary, far_key_positions, far_query_
 
 HEADS, HEAD_DIM, WINDOW, LEAKY = 8, 64, 512, 16.0
 IMPLS = ("sdpa", "rerope", "leaky", "naive")
+PARTS = ("prefill", "memory", "decode", "backward")
 
 
 def _cos_sin(positions: torch.Tensor, dim: int = HEAD_DIM) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,13 +141,34 @@ def _alternate(cases: dict[str, Callable[[], Any]], reps: int, warmup: int) -> d
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--part", choices=("all", *PARTS), default="all", help="one table only")
     args = parser.parse_args()
+    if args.part == "all":
+        # each table in a fresh process: after the multi-GiB prefill cases the allocator state of a process slowed
+        # the millisecond-scale decoding steps measured after them by an order of magnitude
+        for part in PARTS:
+            cmd = [sys.executable, "-m", "benchmarks.rerope", *sys.argv[1:], "--part", part]
+            if args.json:
+                cmd += ["--json", f"{os.path.splitext(args.json)[0]}.{part}.json"]
+            subprocess.run(cmd, check=True)
+        return
     device = args.device
     quick = args.quick
     n_main, n_naive, n_mem, n_bwd = (1024, 512, 2048, 512) if quick else (8192, 4096, 16384, 4096)
     window = 128 if quick else WINDOW
     cache_len = 512 if quick else 4096
 
+    if args.part == "prefill":
+        _prefill_table(args, device, window, n_naive, n_main)
+    elif args.part == "memory":
+        _memory_table(args, device, window, n_naive, n_mem)
+    elif args.part == "decode":
+        _decode_table(args, device, window, cache_len)
+    else:
+        _backward_table(args, device, window, n_bwd)
+
+
+def _prefill_table(args: argparse.Namespace, device: str, window: int, n_naive: int, n_main: int) -> None:
     prefill = Report(
         f"ReRoPE prefill attention (B=1, H={HEADS}, D={HEAD_DIM}, w={window}, {_dtype(device)}, {device})",
         columns=["n", "case", "ms", "ratio vs SDPA+RoPE", "target"],
@@ -162,8 +188,10 @@ def main() -> None:
         f"naive = the reference implementation's two dense n x n score matrices; at n={n_main} it needs ~4 matrices of "
         f"{HEADS * n_main * n_main * 4 / 2**30:.0f} GiB, beyond the ~4 GiB per-process budget, so it is timed at n={n_naive}."
     )
-    prefill.emit(None)
+    prefill.emit(args.json)
 
+
+def _memory_table(args: argparse.Namespace, device: str, window: int, n_naive: int, n_mem: int) -> None:
     memory = Report(
         "ReRoPE prefill attention peak memory (best of 3 fresh processes, RSS above set-up)",
         columns=["n", "case", "MiB", "ratio vs SDPA+RoPE", "target"],
@@ -183,10 +211,15 @@ def main() -> None:
                 n=n, case=impl, MiB=peaks[impl] / 2**20, **{"ratio vs SDPA+RoPE": peaks[impl] / peaks["sdpa"]},
                 target=target,
             )  # fmt: skip
-    memory.emit(None)
+    memory.emit(args.json)
 
+
+def _decode_table(args: argparse.Namespace, device: str, window: int, cache_len: int) -> None:
+    # a tiny model's decoding step is ~100 small ops: on a shared CPU, OpenMP barriers between 2 threads stalled each
+    # step for whole scheduler ticks (100+ ms, unpatched alike), so this latency-bound case runs on one thread
+    torch.set_num_threads(1)
     decode = Report(
-        f"Decoding one token, 4-layer tiny llama, {cache_len}-token cache (w={window})",
+        f"Decoding one token, 4-layer tiny llama, {cache_len}-token cache (w={window}, 1 torch thread)",
         columns=["case", "ms/token", "ratio vs unpatched", "target"],
     )
     cases = {impl: make_decode_case(impl, cache_len, window, device) for impl in ("unpatched", "rerope", "leaky")}
@@ -197,8 +230,10 @@ def main() -> None:
             **{"ms/token": timings[impl].ms, "ratio vs unpatched": timings[impl] / timings["unpatched"]},
             target=target,
         )
-    decode.emit(None)
+    decode.emit(args.json)
 
+
+def _backward_table(args: argparse.Namespace, device: str, window: int, n_bwd: int) -> None:
     backward = Report(
         f"Attention forward + backward (B=1, H={HEADS}, D={HEAD_DIM}, w={window}, n={n_bwd}, {_dtype(device)}, {device})",
         columns=["case", "ms", "ratio vs SDPA+RoPE", "target"],
