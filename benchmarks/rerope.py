@@ -142,6 +142,7 @@ def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--part", choices=("all", *PARTS), default="all", help="one table only")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's; decoding always uses 1)")
     args = parser.parse_args()
     if args.part == "all":
         # each table in a fresh process: after the multi-GiB prefill cases the allocator state of a process slowed
@@ -152,6 +153,8 @@ def main() -> None:
                 cmd += ["--json", f"{os.path.splitext(args.json)[0]}.{part}.json"]
             subprocess.run(cmd, check=True)
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device
     quick = args.quick
     n_main, n_naive, n_mem, n_bwd = (1024, 512, 2048, 512) if quick else (8192, 4096, 16384, 4096)
