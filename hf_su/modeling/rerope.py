@@ -1,0 +1,573 @@
+"""ReRoPE and Leaky ReRoPE for Hugging Face RoPE models: ``patch_rerope`` / ``unpatch_rerope``.
+
+How the patch plugs into transformers (5.x), without touching any modeling class:
+
+1. The model's rotary module gets a forward hook that returns ``cos = 1, sin = 0``. Every attention module then
+   hands **un-rotated** queries and keys to the attention function, and the KV cache stores un-rotated keys.
+2. A registered attention implementation (``AttentionInterface`` + ``AttentionMaskInterface``, selected with
+   ``model.set_attn_implementation``) rotates them itself, per layer:
+
+   * ReRoPE layers (all layers, or those whose ``config.layer_types`` entry is ``"full_attention"``): the two-part
+     attention of :mod:`hf_su.modeling.attention` (near keys: RoPE; far keys: ReRoPE / Leaky ReRoPE positions from
+     :mod:`hf_su.modeling.positions`), with optional log-n query scaling;
+   * every other layer (sliding-window layers of hybrid models): ordinary RoPE, then the attention function the model
+     had before patching, with the same arguments, so those layers compute exactly what they computed before.
+
+   The mask function of the previous implementation is reused, so padding and sliding-window masks are unchanged.
+
+Positions come from ``position_ids``; cached keys are the most recent ones (as in ``DynamicCache``, including its
+sliding layers), so key ``j`` of ``kv`` sits ``kv - 1 - j`` tokens before the last query.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+import weakref
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attention import (
+    decode_mask,
+    near_far_ranges,
+    two_part_attention,
+    two_part_attention_decode,
+    two_part_attention_dense,
+)
+from .positions import apply_rotary, check_rerope_settings, far_key_positions, far_query_positions, log_n_scale
+
+Tensor = torch.Tensor
+
+CONFIG_ATTRIBUTE = "rerope"
+"""Name of the config attribute that stores the patch settings (saved by ``save_pretrained``)."""
+
+_IMPLEMENTATION_PREFIX = "hf_su_rerope_"
+_STATE_ATTRIBUTE = "_hf_su_rerope"
+_DEFAULT_WINDOW = 512
+# rope types whose frequencies depend on the sequence length: their cos/sin at a re-mapped position are not defined
+_UNSUPPORTED_ROPE_TYPES = ("dynamic", "longrope")
+
+
+@dataclass(frozen=True)
+class ReRoPESettings:
+    """The settings of a ReRoPE patch (see :func:`patch_rerope`)."""
+
+    window: int = _DEFAULT_WINDOW
+    leaky: float | None = None
+    log_scale_base: float | None = None
+
+    def __post_init__(self) -> None:
+        check_rerope_settings(self.window, self.leaky, self.log_scale_base)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _LayerState:
+    """What the attention function needs to know about one patched attention module."""
+
+    settings: ReRoPESettings
+    apply_rerope: bool  # False: ordinary RoPE + the previous attention function
+    rope: _Rope
+    previous: Callable[..., tuple[Tensor, Tensor | None]]
+    identity_at_zero: bool  # rotating to position 0 is the identity (ReRoPE's far keys can stay raw)
+
+
+@dataclass
+class _ModelState:
+    settings: ReRoPESettings
+    previous_implementation: str
+    hooks: list[Any]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def patch_rerope(
+    model: nn.Module,
+    window: int | None = None,
+    *,
+    leaky: float | None = None,
+    log_scale_base: float | None = None,
+) -> nn.Module:
+    """Make a Hugging Face RoPE model use ReRoPE (or Leaky ReRoPE) attention, in place.
+
+    A query at position ``i`` and a key at ``j <= i`` use the relative position ``d = i - j`` when ``d < window``
+    and ``window`` otherwise (ReRoPE), or ``window + (d - window) / leaky`` (Leaky ReRoPE). With ``log_scale_base=L``
+    queries are also scaled by ``max(1, log(i + 1) / log(L))`` (Su's log-n scaling; ``L`` = training length).
+
+    Prefill runs a near (sliding-window) and a far (causal) attention merged by their log-sum-exps: exact, O(n)
+    memory, gradients included. Decoding keeps un-rotated keys in the ordinary ``DynamicCache``. Models with
+    ``config.layer_types`` get ReRoPE in their ``"full_attention"`` layers only; other layers run unchanged on the
+    attention backend the model had.
+
+    Patching twice with the same settings is a no-op; different settings raise (call :func:`unpatch_rerope` first).
+    The settings are stored in ``model.config.rerope`` and saved with ``save_pretrained``: after
+    ``from_pretrained``, ``patch_rerope(model)`` without arguments restores the saved patch.
+
+    Args:
+        model: A transformers causal LM (llama, mistral, qwen2/3, gemma/gemma3, phi3, phi, gpt_neox, ...).
+        window: The window ``w >= 1`` (default: the saved value, else 512). Su suggests 1/4 to 1/2 of the training
+            length.
+        leaky: ``None`` for ReRoPE, or ``k > 1`` for Leaky ReRoPE with slope ``1/k`` beyond the window.
+        log_scale_base: The training length ``L`` for log-n query scaling, or ``None`` to disable it.
+
+    Returns:
+        The same model, patched.
+
+    Raises:
+        ValueError: Invalid settings, a model without rotary embeddings (gpt2), one whose attention cannot be
+            replaced (falcon), an unsupported rope type, or a model already patched with other settings.
+    """
+    settings = _resolve_settings(model, window, leaky, log_scale_base)
+    state: _ModelState | None = getattr(model, _STATE_ATTRIBUTE, None)
+    if state is not None:
+        if state.settings == settings:
+            return model
+        raise ValueError(
+            f"model is already patched with {state.settings}; call unpatch_rerope(model) before patching with {settings}"
+        )
+
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(
+            f"{type(model).__name__} does not dispatch its attention through transformers' AttentionInterface "
+            "(e.g. falcon), so ReRoPE cannot replace its attention"
+        )
+    rotary = _find_rotary_module(model)
+    attention_modules = _find_attention_modules(model)
+    previous = _previous_implementation(attention_modules)
+    name = _register_implementation(previous)
+
+    ropes: dict[str, _Rope] = {}
+    states = {module: _layer_state(module, ropes, rotary, settings, previous) for module in attention_modules}
+    if not any(s.apply_rerope for s in states.values()):
+        raise ValueError("config.layer_types has no 'full_attention' layer: there is no layer to apply ReRoPE to")
+
+    hooks = [
+        rotary.register_forward_hook(_unrotated_rotary_output),
+        model.register_forward_pre_hook(_refuse_static_cache, with_kwargs=True),
+    ]
+    for module, layer_state in states.items():
+        setattr(module, _STATE_ATTRIBUTE, layer_state)
+    setattr(model, _STATE_ATTRIBUTE, _ModelState(settings, previous, hooks))
+    try:
+        model.set_attn_implementation(name)
+        wrong = [m for m in attention_modules if m.config._attn_implementation != name]
+        if wrong:
+            raise ValueError(f"could not switch {type(wrong[0]).__name__} to the ReRoPE attention implementation")
+    except Exception:
+        saved = getattr(model.config, CONFIG_ATTRIBUTE, None)
+        unpatch_rerope(model)  # leave the model exactly as it came, saved settings included
+        if saved is not None:
+            setattr(model.config, CONFIG_ATTRIBUTE, saved)
+        raise
+    setattr(model.config, CONFIG_ATTRIBUTE, settings.to_dict())
+    return model
+
+
+def unpatch_rerope(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch_rerope` in place: the previous attention backend, rotary module and config come back.
+
+    Args:
+        model: A model patched by :func:`patch_rerope`.
+
+    Returns:
+        The same model, computing exactly what it computed before patching.
+
+    Raises:
+        ValueError: If the model is not patched.
+    """
+    state: _ModelState | None = getattr(model, _STATE_ATTRIBUTE, None)
+    if state is None:
+        raise ValueError("model is not patched with ReRoPE (patch_rerope was not called on it)")
+    model.set_attn_implementation(state.previous_implementation)
+    for hook in state.hooks:
+        hook.remove()
+    for module in model.modules():
+        if hasattr(module, _STATE_ATTRIBUTE) and module is not model:
+            delattr(module, _STATE_ATTRIBUTE)
+    delattr(model, _STATE_ATTRIBUTE)
+    if hasattr(model.config, CONFIG_ATTRIBUTE):
+        delattr(model.config, CONFIG_ATTRIBUTE)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Patch-time discovery and checks
+
+
+def _resolve_settings(
+    model: nn.Module, window: int | None, leaky: float | None, log_scale_base: float | None
+) -> ReRoPESettings:
+    """Explicit arguments win; with none given, the settings saved in the config (else the defaults) apply."""
+    if window is None and leaky is None and log_scale_base is None:
+        saved = getattr(getattr(model, "config", None), CONFIG_ATTRIBUTE, None)
+        if saved is not None:
+            if not isinstance(saved, dict) or set(saved) - {"window", "leaky", "log_scale_base"}:
+                raise ValueError(f"config.{CONFIG_ATTRIBUTE} is not a ReRoPE settings dict: {saved!r}")
+            return ReRoPESettings(**saved)
+    return ReRoPESettings(_DEFAULT_WINDOW if window is None else window, leaky, log_scale_base)
+
+
+def _find_rotary_module(model: nn.Module) -> nn.Module:
+    rotaries = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+    if not rotaries:
+        raise ValueError(
+            f"{type(model).__name__} has no rotary embedding module: ReRoPE needs a RoPE model "
+            "(gpt2-style absolute position embeddings are not supported)"
+        )
+    if len(rotaries) > 1:
+        raise ValueError(f"{type(model).__name__} has {len(rotaries)} rotary modules; ReRoPE supports models with one")
+    rotary = rotaries[0]
+    params = getattr(rotary.config, "rope_parameters", None) or {}
+    per_type = params.values() if all(isinstance(v, dict) for v in params.values()) and params else [params]
+    for p in per_type:
+        if p.get("rope_type", "default") in _UNSUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope_type {p['rope_type']!r} changes its frequencies with the sequence length; ReRoPE needs fixed "
+                f"frequencies (unsupported: {_UNSUPPORTED_ROPE_TYPES})"
+            )
+    return rotary
+
+
+def _find_attention_modules(model: nn.Module) -> list[nn.Module]:
+    modules = [
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx") and hasattr(m, "config")
+    ]
+    if not modules:
+        raise ValueError(f"no attention modules with a layer_idx found in {type(model).__name__}")
+    return modules
+
+
+def _previous_implementation(modules: list[nn.Module]) -> str:
+    names = {m.config._attn_implementation for m in modules}
+    if len(names) != 1:
+        raise ValueError(f"attention modules use different implementations {sorted(names)}; expected one")
+    previous = names.pop()
+    if previous.startswith(_IMPLEMENTATION_PREFIX):
+        raise ValueError("model already runs a ReRoPE attention implementation but carries no patch state")
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    if previous not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        raise ValueError(
+            f"attention implementation {previous!r} registers no mask function; ReRoPE needs the attention mask"
+        )
+    return previous
+
+
+def _register_implementation(previous: str) -> str:
+    """Register (idempotently) the ReRoPE attention under a name tied to the previous backend's mask function."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    name = _IMPLEMENTATION_PREFIX + re.sub(r"[^0-9A-Za-z_]", "_", previous)
+    AttentionInterface.register(name, rerope_attention_forward)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[previous])
+    return name
+
+
+def _previous_attention_function(module: nn.Module, previous: str) -> Callable[..., Any]:
+    if previous == "eager":  # eager lives in each modeling file, not in the registry
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if fn is None:
+            raise ValueError(f"cannot find eager_attention_forward for {type(module).__name__}")
+        return fn
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[previous]
+
+
+def _layer_state(
+    module: nn.Module, ropes: dict[str, _Rope], rotary: nn.Module, settings: ReRoPESettings, previous: str
+) -> _LayerState:
+    layer_types = getattr(module.config, "layer_types", None)
+    layer_type = layer_types[module.layer_idx] if layer_types else "full_attention"
+    apply_rerope = layer_type == "full_attention"
+    if apply_rerope and getattr(module, "sliding_window", None) is not None:
+        raise ValueError(
+            f"{type(module).__name__} {module.layer_idx} uses sliding-window attention without config.layer_types "
+            "marking it; ReRoPE applies to full-attention layers"
+        )
+    if apply_rerope and getattr(module.config, "attn_logit_softcapping", None):
+        raise ValueError("attention logit soft-capping is not supported by the ReRoPE attention")
+
+    if layer_type not in ropes:
+        takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
+        ropes[layer_type] = _Rope(rotary, layer_type if takes_layer_type else None)
+    rope = ropes[layer_type]
+    identity_at_zero = _check_rotation_convention(module, rope)
+    return _LayerState(settings, apply_rerope, rope, _previous_attention_function(module, previous), identity_at_zero)
+
+
+def _check_rotation_convention(module: nn.Module, rope: _Rope) -> bool:
+    """Refuse models whose rotation differs from the rotate-half layout ours uses; True if position 0 is identity."""
+    reference = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
+    if reference is None:
+        raise ValueError(f"cannot verify the rotary convention of {type(module).__name__} (no apply_rotary_pos_emb)")
+    param = next(iter(module.parameters()), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else None
+    generator = torch.Generator().manual_seed(0)
+    positions = torch.arange(5, device=device).unsqueeze(0) * 3  # starts at 0
+    probe = torch.empty(1, 1, 5, 1, dtype=dtype, device=device)
+    cos, sin = rope(probe, positions)
+    x = torch.randn(1, 2, 5, cos.shape[-1], generator=generator).to(dtype=dtype, device=device)
+    expected, _ = reference(x, x, cos, sin)
+    if not torch.equal(apply_rotary(x, cos, sin), expected):
+        raise ValueError(f"{type(module).__name__} rotates q/k in a layout ReRoPE does not support (not rotate-half)")
+    return bool((cos[:, :1] == 1).all() and (sin[:, :1] == 0).all())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hooks
+
+
+def _unrotated_rotary_output(module: nn.Module, args: Any, output: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    cos, sin = output
+    return torch.ones_like(cos), torch.zeros_like(sin)
+
+
+def _refuse_static_cache(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+    from transformers.cache_utils import StaticCache
+
+    for key in ("past_key_values", "cache"):
+        if isinstance(kwargs.get(key), StaticCache):
+            raise ValueError(
+                "ReRoPE supports DynamicCache (the default) but not StaticCache: a static cache does not tell the "
+                "attention where the cached tokens end"
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The attention function
+
+
+def _key_validity(attention_mask: Tensor | None, batch: int, kv_len: int) -> Tensor | None:
+    """``[B, kv]`` bool, False for padding keys, from any mask the previous backend builds; None if all valid."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(f"ReRoPE cannot read an attention mask of type {type(attention_mask).__name__}")
+    if attention_mask.dim() == 2:  # flash-attention backends: the padding mask itself
+        valid = attention_mask.bool()
+    elif attention_mask.dim() == 4:
+        allowed = attention_mask if attention_mask.dtype == torch.bool else _allowed_from_additive(attention_mask)
+        valid = allowed.any(dim=(1, 2))
+    else:
+        raise ValueError(f"unexpected attention mask shape {tuple(attention_mask.shape)}")
+    valid = valid[..., -kv_len:].expand(batch, kv_len)
+    return None if bool(valid.all()) else valid
+
+
+def _allowed_from_additive(mask: Tensor) -> Tensor:
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def _check_causal_mask(attention_mask: Tensor | None, valid: Tensor | None, q_len: int, kv_len: int) -> None:
+    """Refuse masks that are not "causal + key padding" (packed sequences, custom masks) for ReRoPE layers."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return
+    allowed = attention_mask if attention_mask.dtype == torch.bool else _allowed_from_additive(attention_mask)
+    allowed = allowed[:, 0, -q_len:, -kv_len:]
+    i = torch.arange(kv_len - q_len, kv_len, device=allowed.device).unsqueeze(1)
+    expected = torch.arange(kv_len, device=allowed.device).unsqueeze(0) <= i
+    if valid is not None:
+        expected = expected & valid.unsqueeze(1)
+        query_valid = valid[:, -q_len:].unsqueeze(-1)
+    else:
+        query_valid = torch.ones(1, q_len, 1, dtype=torch.bool, device=allowed.device)
+    if bool(((allowed != expected) & query_valid).any()):
+        raise ValueError(
+            "the attention mask of a ReRoPE layer is not a causal mask with padding (packed sequences or custom "
+            "masks are not supported; use one sequence per row with padding)"
+        )
+
+
+def _check_contiguous(positions: Tensor, valid: Tensor | None) -> None:
+    if positions.shape[1] < 2:
+        return
+    steps = positions[:, 1:] - positions[:, :-1]
+    both = torch.ones_like(steps, dtype=torch.bool) if valid is None else valid[:, 1:] & valid[:, :-1]
+    if bool(((steps != 1) & both).any()):
+        raise ValueError(
+            "position_ids must increase by 1 along each row for ReRoPE layers (packed sequences whose positions "
+            "restart are not supported; use one sequence per row with padding)"
+        )
+
+
+def _valid_spans(valid: Tensor) -> list[tuple[int, int]]:
+    """Per row, the contiguous ``[start, end)`` of valid keys; refuses padding in the middle of a row."""
+    n = valid.shape[1]
+    spans = []
+    for row in valid:
+        idx = torch.nonzero(row).flatten()
+        if idx.numel() == 0:
+            spans.append((0, 0))
+            continue
+        start, end = int(idx[0]), int(idx[-1]) + 1
+        if end - start != idx.numel():
+            raise ValueError("padding in the middle of a row is not supported by ReRoPE (pad on the left or right)")
+        spans.append((start, min(end, n)))
+    return spans
+
+
+def rerope_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """The attention function registered by :func:`patch_rerope` (transformers' AttentionInterface signature).
+
+    Receives un-rotated ``query [B, H, q, D]``, ``key``/``value [B, Hkv, kv, D]`` (the whole cache) and returns
+    ``([B, q, H, D], None)``.
+    """
+    state: _LayerState | None = getattr(module, _STATE_ATTRIBUTE, None)
+    if state is None:
+        raise ValueError(
+            f"{type(module).__name__} runs the ReRoPE attention implementation but was not patched by patch_rerope "
+            "(is its config shared with a patched model? give each model its own config)"
+        )
+    if state.apply_rerope:
+        if dropout and module.training:
+            raise ValueError("attention dropout is not supported by the ReRoPE attention; set attention_dropout=0")
+        for unsupported in ("s_aux", "cu_seq_lens_q", "cu_seq_lens_k", "sliding_window", "softcap"):
+            if kwargs.get(unsupported) is not None:
+                raise ValueError(f"the ReRoPE attention does not support {unsupported!r} in its layers")
+    tables = state.rope.tables(state, query, key.shape[2], kwargs.get("position_ids"), attention_mask)
+
+    if not state.apply_rerope:
+        q, k = apply_rotary(query, *tables.q), apply_rotary(key, *tables.k)
+        return state.previous(module, q, k, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    w = state.settings.window
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if tables.log_n is not None:
+        query = query * tables.log_n
+    start, end = near_far_ranges(q_len, kv_len, w)
+
+    def far_keys(keys: Tensor) -> Tensor:
+        return keys if tables.k_far is None else apply_rotary(keys, *tables.k_far)
+
+    if q_len == 1:  # decoding: near and far query as two rows of one kernel call
+        queries = apply_rotary(query.expand(-1, -1, 2, -1), *tables.q)
+        k_near = apply_rotary(key[:, :, start:], *tables.k)
+        out = two_part_attention_decode(queries, k_near, far_keys(key[:, :, :end]), value, window=w, scale=scale,
+                                        key_valid=tables.valid, mask=tables.decode_mask)  # fmt: skip
+        return out.transpose(1, 2), None
+    q_near, q_far = apply_rotary(query, *tables.q), apply_rotary(query, *tables.q_far)
+    if q_len == kv_len:
+        out = _prefill(q_near, apply_rotary(key, *tables.k), q_far, far_keys(key), value, tables.valid, w, scale)
+    else:  # a chunk continuing a cache
+        k_near = apply_rotary(key[:, :, start:], *tables.k)
+        out = two_part_attention_dense(q_near, k_near, q_far, far_keys(key[:, :, :end]), value, window=w,
+                                       scale=scale, key_valid=tables.valid)  # fmt: skip
+    return out.transpose(1, 2), None
+
+
+@dataclass
+class _Tables:
+    """Everything one forward pass needs that is the same for all layers of a layer type: cos/sin tables
+    ``(cos, sin)`` for queries and keys (near and far), the log-n scale and the key padding."""
+
+    q: tuple[Tensor, Tensor]  # decoding (one query): rows near, far stacked
+    k: tuple[Tensor, Tensor]  # all keys, except in ReRoPE layers continuing a cache: the near range only
+    q_far: tuple[Tensor, Tensor] | None = None
+    k_far: tuple[Tensor, Tensor] | None = None  # the far range only; None: far keys stay raw (ReRoPE)
+    log_n: Tensor | None = None  # [B, 1, q, 1]
+    valid: Tensor | None = None  # [B, kv] bool, None when no key is padding
+    decode_mask: tuple[Tensor | None, Tensor | None, Tensor | None] | None = None  # attention.decode_mask's
+
+
+class _Rope:
+    """The cos/sin of the model's rotary module for one layer type, and the tables of the forward pass in progress.
+
+    Layers call :meth:`tables` with the ``position_ids`` / mask tensors the model hands to every layer; the first
+    layer computes them, the others reuse them (the key holds those very tensor objects, weakly).
+    """
+
+    def __init__(self, rotary: nn.Module, layer_type: str | None):
+        self.rotary, self.layer_type = rotary, layer_type
+        self._cache: dict[bool, tuple[tuple[Any, ...], _Tables]] = {}
+
+    def __call__(self, like: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        # .forward, not the module: the patch's hook on the module hides the real cos/sin from everyone else
+        if self.layer_type is None:
+            return self.rotary.forward(like, positions)
+        return self.rotary.forward(like, positions, self.layer_type)
+
+    def tables(self, state: _LayerState, query: Tensor, kv_len: int, position_ids, attention_mask) -> _Tables:
+        batch, _, q_len, _ = query.shape
+        key = (q_len, kv_len, batch, query.dtype, query.device)
+        if position_ids is not None:
+            key += (weakref.ref(position_ids), position_ids._version)
+            key += (None,) if attention_mask is None else (weakref.ref(attention_mask), attention_mask._version)
+            cached = self._cache.get(state.apply_rerope)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        tables = self._build(state, query, kv_len, position_ids, attention_mask)
+        if position_ids is not None:
+            self._cache[state.apply_rerope] = (key, tables)
+        return tables
+
+    def _build(self, state: _LayerState, query: Tensor, kv_len: int, position_ids, attention_mask) -> _Tables:
+        batch, _, q_len, _ = query.shape
+        if position_ids is None:
+            position_ids = torch.arange(kv_len - q_len, kv_len, device=query.device).unsqueeze(0)
+        positions = position_ids.expand(batch, q_len)
+        # cached keys are the most recent kv_len tokens, ending at the last query
+        key_positions = positions[:, -1:] - torch.arange(kv_len - 1, -1, -1, device=query.device)
+        if not state.apply_rerope:
+            return _Tables(q=self(query, positions), k=self(query, key_positions))
+        settings = state.settings
+        valid = _key_validity(attention_mask, batch, kv_len)
+        _check_causal_mask(attention_mask, valid, q_len, kv_len)
+        _check_contiguous(positions, None if valid is None else valid[:, -q_len:])
+        start, end = (0, kv_len) if q_len == kv_len else near_far_ranges(q_len, kv_len, settings.window)
+        # keys before `start` are far from every query and keys from `end` on are near to every query
+        tables = _Tables(q=self(query, positions), k=self(query, key_positions[:, start:]), valid=valid)
+        tables.q_far = self(query, far_query_positions(positions, settings.window, settings.leaky))
+        far_keys = far_key_positions(key_positions[:, :end], settings.leaky)
+        if far_keys is None and not state.identity_at_zero:
+            far_keys = torch.zeros_like(key_positions[:, :end])  # rope types that scale cos/sin scale raw keys too
+        if far_keys is not None:
+            tables.k_far = self(query, far_keys)
+        if settings.log_scale_base is not None:
+            tables.log_n = log_n_scale(positions, settings.log_scale_base).to(query.dtype)[:, None, :, None]
+        if q_len == 1:
+            tables.q = tuple(torch.cat(pair, dim=1) for pair in zip(tables.q, tables.q_far))  # rows: near, far
+            if query.device.type == "cpu":
+                tables.decode_mask = decode_mask(kv_len, end, tables.valid, query.dtype)
+        return tables
+
+
+def _prefill(q_near, k_near, q_far, k_far, value, valid: Tensor | None, window: int, scale: float) -> Tensor:
+    if valid is None:
+        return two_part_attention(q_near, k_near, q_far, k_far, value, window=window, scale=scale)
+    # padded rows: run each row on its own valid span (positions inside a span are contiguous), zeros elsewhere
+    rows = []
+    for b, (start, end) in enumerate(_valid_spans(valid)):
+        row = torch.zeros_like(q_near[b : b + 1, :, :, : value.shape[-1]])
+        if end > start:
+            span = slice(start, end)
+            part = two_part_attention(
+                q_near[b : b + 1, :, span], k_near[b : b + 1, :, span], q_far[b : b + 1, :, span],
+                k_far[b : b + 1, :, span], value[b : b + 1, :, span], window=window, scale=scale,
+            )  # fmt: skip
+            row = torch.cat([row[:, :, :start], part, row[:, :, end:]], dim=2)
+        rows.append(row)
+    return torch.cat(rows, dim=0)
