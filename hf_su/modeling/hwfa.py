@@ -26,7 +26,6 @@ Where the structure lives, so that it is saved by ``save_pretrained``:
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,10 +35,12 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from .positions import log_n_scale
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-__all__ = ["HWFA_ATTENTION", "hwfa_attention_forward", "hwfa_config", "log_n_scale", "sliding_window_attention"]
+__all__ = ["HWFA_ATTENTION", "hwfa_attention_forward", "hwfa_config", "sliding_window_attention"]
 
 HWFA_ATTENTION = "hf_su_hwfa"
 """Name under which the HWFA attention (and its mask function) is registered with transformers."""
@@ -142,11 +143,6 @@ def _full_layer_indices(full_layers: Sequence[int] | None, num_layers: int) -> f
     if len(set(full_layers)) != len(full_layers):
         raise ValueError(f"full_layers has repeated indices: {list(full_layers)}")
     return frozenset(full_layers)
-
-
-def log_n_scale(positions: torch.Tensor, base: float) -> torch.Tensor:
-    """Su's log-n query scale ``max(1, log(p + 1) / log(base))`` for 0-based positions ``p``."""
-    return torch.clamp(torch.log1p(positions.to(torch.float64)) / math.log(base), min=1.0)
 
 
 def sliding_window_attention(
