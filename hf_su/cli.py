@@ -137,7 +137,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--loss", choices=["mix", "emo2", "emo", "ce"], default=d.loss, help="EMO mixing mode")
     train.add_argument("--emo-cost", choices=["adaptive", "fixed"], default=d.emo_cost)
     train.add_argument("--optimizer", choices=["tiger", "adamw"], default=d.optimizer)
-    train.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    train.add_argument("--learning-rate", type=float, help="default: 1e-2 for tiger, 1e-3 for adamw")
     train.add_argument("--batch-size", type=int, default=d.batch_size, help="per device")
     train.add_argument("--grad-accum", type=int, default=d.grad_accum)
     train.add_argument("--max-steps", type=int, default=d.max_steps)
@@ -186,8 +186,13 @@ def _cmd_eval_length(args: argparse.Namespace) -> int:
     out_prefix = args.output or os.path.join(args.model, "eval_length")
     with open(out_prefix + ".json", "w") as f:
         json.dump({"train_length": train_length, "results": results_to_dicts(results)}, f, indent=2)
-    plot_results(results, out_prefix + ".png", train_length=train_length)
-    print(f"\nwrote {out_prefix}.json and {out_prefix}.png")
+    written = [out_prefix + ".json"]
+    try:
+        plot_results(results, out_prefix + ".png", train_length=train_length)
+        written.append(out_prefix + ".png")
+    except ImportError:
+        print('(no plot: matplotlib is not installed; pip install "hf-su[plot]")', file=sys.stderr)
+    print(f"\nwrote {' and '.join(written)}")
     return 0
 
 

@@ -31,6 +31,8 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
     ),
 }
 SUMMARY_FILE = "training_summary.json"
+# Tiger scales each matrix's step by its RMS (~0.02 at HF's default initialisation), so its lr is a relative step.
+DEFAULT_LEARNING_RATES = {"tiger": 1e-2, "adamw": 1e-3}
 
 
 class PipelineError(ValueError):
@@ -56,7 +58,8 @@ class TrainSettings:
     loss: str = "mix"  # EMO mode: mix | emo2 | emo | ce
     emo_cost: str = "adaptive"
     optimizer: str = "tiger"  # tiger | adamw
-    learning_rate: float = 1e-3
+    # None: 1e-2 for Tiger (its steps are relative to each tensor's RMS: 1% per step) or 1e-3 for AdamW
+    learning_rate: float | None = None
     weight_decay: float = 0.01
     batch_size: int = 8
     grad_accum: int = 1
@@ -312,7 +315,7 @@ def train_causal_lm(settings: TrainSettings, *, callbacks: Sequence[Any] = ()) -
         per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum,
-        learning_rate=settings.learning_rate,
+        learning_rate=settings.learning_rate or DEFAULT_LEARNING_RATES[settings.optimizer],
         weight_decay=settings.weight_decay,
         max_steps=settings.max_steps,
         warmup_steps=settings.warmup_steps,
