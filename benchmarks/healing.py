@@ -1,7 +1,7 @@
 """Overhead of ``generate_healed`` over plain ``generate`` (issue 10): 32 new tokens, a 40k-vocab tokenizer.
 
-The tokenizer is BytePiece's released 40k model (/work/shared/data/bytepiece.plus.40k.model) loaded with the DESIGN
-recipe (byte-level Unigram); the models are tiny randomly initialised Llamas with that vocabulary, so the forward pass
+The tokenizer is BytePiece's released 40k model (shared/data/bytepiece.plus.40k.model beside the checkout) loaded
+with hf_su's BytePieceTokenizerFast (byte-level Unigram); the models are tiny randomly initialised Llamas with that vocabulary, so the forward pass
 is cheap and any per-step cost of healing shows. Prompts are lines of Su's blog cut at random characters, i.e. most
 of them end inside a token and are healed. Both sides start from strings (tokenisation included) and generate
 exactly 32 tokens, greedily. The one-time byte-table build is timed separately.
@@ -11,9 +11,6 @@ exactly 32 tokens, greedily. The one-time byte-table build is timed separately.
 
 from __future__ import annotations
 
-import base64
-import json
-import os
 import random
 import statistics
 import time
@@ -23,39 +20,8 @@ import torch
 from benchmarks.harness import Report, bench_parser, time_fn
 from hf_su.generation import healing
 from hf_su.generation.healing import HealingLogitsProcessor, back_off, generate_healed, token_bytes
-from hf_su.testing import tiny_causal_lm
-
-DATA = "/work/shared/data"
-
-
-def bytepiece_tokenizer(path: str):
-    """A PreTrainedTokenizerFast for a BytePiece model file, built with the DESIGN recipe."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    with open(path, encoding="utf-8") as f:
-        entries = json.load(f)
-    # byte-to-unicode written out: printable bytes map to themselves, the rest to 256, 257, ...
-    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    b2u = {b: chr(b) for b in keep}
-    b2u.update({b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in keep)})
-    total = sum(count for _, _, count in entries.values())
-    vocab: list[tuple[str, float]] = [("<pad>", -1e9), ("<bos>", -1e9), ("<eos>", -1e9)]
-    vocab += [("", 0.0)] * len(entries)
-    for key, (index, _, count) in entries.items():
-        vocab[index] = ("".join(b2u[b] for b in base64.b64decode(key)), float(torch.tensor(count / total).log()))
-    backend = Tokenizer(models.Unigram(vocab, unk_id=None))
-    backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(r".*\n+|.+"), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", padding_side="left"
-    )
+from hf_su.testing import shared_data_path, tiny_causal_lm
+from hf_su.tokenization.bytepiece import BytePieceTokenizerFast
 
 
 def cut_prompts(n: int, tok, seed: int = 0) -> list[str]:
@@ -63,7 +29,7 @@ def cut_prompts(n: int, tok, seed: int = 0) -> list[str]:
 
     Only prompts that get backed off are kept: every row pays for healing, the worst case for the overhead.
     """
-    with open(os.path.join(DATA, "kexue_zh.txt"), encoding="utf-8") as f:
+    with open(shared_data_path("kexue_zh.txt"), encoding="utf-8") as f:
         lines = [line.strip() for line in f if len(line.strip()) > 80 and "http" not in line]
     rng, table, prompts = random.Random(seed), token_bytes(tok), []
     while len(prompts) < n:
@@ -124,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     new_tokens = 32
-    tok = bytepiece_tokenizer(os.path.join(DATA, "bytepiece.plus.40k.model"))
+    tok = BytePieceTokenizerFast.from_bytepiece(shared_data_path("bytepiece.plus.40k.model"))
 
     healing._TABLES.clear()
     start = time.perf_counter()

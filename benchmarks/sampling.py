@@ -11,44 +11,15 @@ list of texts.
 
 from __future__ import annotations
 
-import base64
-import json
-import math
 import os
 import statistics
 
 from benchmarks.harness import Report, bench_parser, time_fn
+from hf_su.testing import shared_data_path
+from hf_su.tokenization.bytepiece import BytePieceTokenizerFast
 
-DATA = "/work/shared/data"
-MODEL = os.path.join(DATA, "bytepiece.plus.40k.model")
-CORPORA = {"kexue_zh": os.path.join(DATA, "kexue_zh.txt"), "kexue_en": os.path.join(DATA, "kexue_en.txt")}
-
-
-def bytepiece_tokenizer(path: str):
-    """The BytePiece model at ``path`` as an HF fast tokenizer (DESIGN.md's byte-level Unigram recipe)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    with open(path, encoding="utf-8") as f:
-        counts = {base64.b64decode(key): value[2] for key, value in json.load(f).items()}
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    b2u = {b: chr(b) for b in printable}
-    for b in range(256):
-        b2u.setdefault(b, chr(256 + sum(1 for c in range(b) if c not in printable)))
-    log_total = math.log(sum(counts.values()))
-    vocab = [("<pad>", 0.0), ("<bos>", 0.0), ("<eos>", 0.0)]
-    for piece, count in sorted(counts.items(), key=lambda kv: (len(kv[0]), kv[0])):
-        vocab.append(("".join(b2u[b] for b in piece), math.log(count) - log_total))
-    backend = Tokenizer(models.Unigram(vocab, unk_id=None))
-    backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(r".*\n+|.+"), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+MODEL = shared_data_path("bytepiece.plus.40k.model")
+CORPORA = {"kexue_zh": shared_data_path("kexue_zh.txt"), "kexue_en": shared_data_path("kexue_en.txt")}
 
 
 def documents(lines: list[str], size: int) -> list[str]:
@@ -79,7 +50,7 @@ def main() -> None:
 
     from hf_su.tokenization.sampling import encode_sampled
 
-    tokenizer = bytepiece_tokenizer(MODEL)
+    tokenizer = BytePieceTokenizerFast.from_bytepiece(MODEL)
     backend = tokenizer.backend_tokenizer
     reference = bytepiece.Tokenizer(MODEL)
     max_mb = 0.05 if args.quick else args.max_mb

@@ -7,6 +7,7 @@ rotary variants).
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -118,3 +119,18 @@ def tiny_tokenizer(vocab_size: int = 512, *, max_chars: int = 200_000) -> PreTra
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
     )
+
+
+def shared_data_path(name: str) -> str | None:
+    """Path of a file in the project's shared data folder (real corpora, the released BytePiece model), or None.
+
+    Looks in ``$HF_SU_SHARED_DATA`` and in ``shared/data`` beside the repository checkout. Tests and benchmarks that
+    use it skip cleanly when it returns None: the core suite never needs it.
+    """
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folders = [os.environ.get("HF_SU_SHARED_DATA"), os.path.join(repo, "..", "shared", "data")]
+    for folder in filter(None, folders):
+        path = os.path.normpath(os.path.join(folder, name))
+        if os.path.exists(path):
+            return path
+    return None

@@ -23,6 +23,7 @@ import torch
 from tokenizers import Tokenizer
 
 from hf_su.data import embedded_corpus
+from hf_su.testing import shared_data_path
 from hf_su.tokenization.bytepiece import (
     BYTE_TO_CHAR,
     BytePieceTokenizerFast,
@@ -38,14 +39,6 @@ with open(os.path.join(HERE, "data", "bytepiece_golden.json"), encoding="utf-8")
     GOLDEN = json.load(_f)
 TEXTS: dict[str, str] = GOLDEN["texts"]
 MODEL_NAMES = sorted(GOLDEN["models"])
-
-
-def _shared_data(name: str) -> str | None:
-    for base in ("..", os.path.join("..", "..")):
-        path = os.path.normpath(os.path.join(ROOT, base, "shared", "data", name))
-        if os.path.exists(path):
-            return path
-    return None
 
 
 try:
@@ -94,7 +87,7 @@ def test_golden_ids(tokenizers, name):
 
 
 def test_golden_ids_released_40k_model():
-    path = _shared_data("bytepiece.plus.40k.model")
+    path = shared_data_path("bytepiece.plus.40k.model")
     if path is None or "plus_40k_ids" not in GOLDEN:
         pytest.skip("shared data folder with bytepiece.plus.40k.model not found")
     tok = BytePieceTokenizerFast.from_bytepiece(path)

@@ -2,57 +2,30 @@
 
 from __future__ import annotations
 
-import base64
 import itertools
 import json
 import math
-import os
 from collections import Counter
 from functools import cache
 
 import numpy as np
 import pytest
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from hf_su.testing import shared_data_path
+from hf_su.tokenization.bytepiece import BytePieceTokenizerFast, bytepiece_model_dict
 from hf_su.tokenization.sampling import encode_sampled, viterbi_sample
 
-SHARED_DATA = "/work/shared/data"
-BYTEPIECE_MODEL = os.path.join(SHARED_DATA, "bytepiece.plus.40k.model")
-CORPORA = [os.path.join(SHARED_DATA, name) for name in ("kexue_zh.txt", "kexue_en.txt")]
+BYTEPIECE_MODEL = shared_data_path("bytepiece.plus.40k.model")
+CORPORA = [shared_data_path(name) for name in ("kexue_zh.txt", "kexue_en.txt")]
 SAMPLES = 20_000
 TV_TOLERANCE = 0.02  # expected total variation at 20k samples over <= 40 outcomes is about 0.01
 
 
-def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table (what ByteLevel pre-tokenizers emit)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def bytepiece_tokenizer(counts: dict[bytes, int]) -> PreTrainedTokenizerFast:
-    """A BytePiece model as an HF fast tokenizer, following DESIGN.md's recipe (ids 0-2 are <pad>/<bos>/<eos>)."""
-    b2u = _byte_to_unicode()
-    counts = {bytes([b]): 1 for b in range(256)} | counts
-    log_total = math.log(sum(counts.values()))
-    vocab = [("<pad>", 0.0), ("<bos>", 0.0), ("<eos>", 0.0)]
-    for piece, count in sorted(counts.items(), key=lambda kv: (len(kv[0]), kv[0])):
-        vocab.append(("".join(b2u[b] for b in piece), math.log(count) - log_total))
-    backend = Tokenizer(models.Unigram(vocab, unk_id=None))
-    backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(r".*\n+|.+"), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+    """A BytePiece model of these piece counts (plus every single byte) as hf_su's BytePiece adapter."""
+    return BytePieceTokenizerFast.from_bytepiece(bytepiece_model_dict({bytes([b]): 1 for b in range(256)} | counts))
 
 
 def sentencepiece_tokenizer(*, byte_fallback: bool = False, eos: bool = False) -> PreTrainedTokenizerFast:
@@ -82,9 +55,7 @@ def _toy_bytepiece() -> PreTrainedTokenizerFast:
 
 @cache
 def _shared_bytepiece() -> PreTrainedTokenizerFast:
-    with open(BYTEPIECE_MODEL, encoding="utf-8") as f:
-        model = json.load(f)
-    return bytepiece_tokenizer({base64.b64decode(key): value[2] for key, value in model.items()})
+    return BytePieceTokenizerFast.from_bytepiece(BYTEPIECE_MODEL)
 
 
 def _segmentations(word: str, vocab: dict[str, int]) -> list[tuple[int, ...]]:
@@ -199,11 +170,14 @@ def test_added_and_special_tokens():
     for text in ("é</s>abé xé", "zz</s></s>"):
         ids = viterbi_sample(fallback, text, alpha=0.0, generator=1)
         assert fallback.decode(ids) == fallback.decode(fallback.encode(text, add_special_tokens=False))
-    bytepiece = _toy_bytepiece()  # special tokens in a byte-level text are kept whole, the rest is re-sampled
+    # BytePieceTokenizerFast encodes literal special-token text as plain bytes (as the reference does), and the
+    # sampler follows the tokenizer's own splitting
+    bytepiece = _toy_bytepiece()
     text = "天气好<eos> ab天气"
+    assert bytepiece.eos_token_id not in bytepiece.encode(text)
     for seed in range(5):
         ids = viterbi_sample(bytepiece, text, alpha=0.0, generator=seed)
-        assert ids.count(bytepiece.eos_token_id) == 1 and bytepiece.decode(ids) == text
+        assert bytepiece.eos_token_id not in ids and bytepiece.decode(ids) == text
 
 
 def test_seeded_runs_reproduce_and_seeds_differ():
@@ -247,10 +221,10 @@ def test_errors():
         viterbi_sample(no_unk, "abz")
 
 
-@pytest.mark.skipif(not os.path.exists(BYTEPIECE_MODEL), reason="shared BytePiece model not available")
+@pytest.mark.skipif(BYTEPIECE_MODEL is None, reason="shared BytePiece model not available")
 @pytest.mark.parametrize("path", CORPORA, ids=["zh", "en"])
 def test_shared_corpora(path):
-    if not os.path.exists(path):
+    if path is None:
         pytest.skip(f"{path} not available")
     tokenizer = _shared_bytepiece()
     with open(path, encoding="utf-8") as f:
