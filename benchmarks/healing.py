@@ -90,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     new_tokens = 32
-    tok = BytePieceTokenizerFast.from_bytepiece(shared_data_path("bytepiece.plus.40k.model"))
+    tok = BytePieceTokenizerFast.from_bytepiece(shared_data_path("bytepiece.plus.40k.model"), padding_side="left")
 
     healing._TABLES.clear()
     start = time.perf_counter()
