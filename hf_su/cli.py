@@ -156,16 +156,16 @@ def _cmd_eval_length(args: argparse.Namespace) -> int:
     import os
 
     from .eval_length import evaluate_lengths, plot_results, results_table, results_to_dicts
-    from .pipeline import SUMMARY_FILE, PipelineError, held_out_token_ids
+    from .pipeline import SUMMARY_FILE, PipelineError, held_out_token_ids, read_summary
 
-    summary_path = os.path.join(args.model, SUMMARY_FILE)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         return _fail(f"{args.model!r} is not a saved model folder (no config.json)")
     train_length = args.train_length
     if train_length is None:
-        if not os.path.exists(summary_path):
+        summary = read_summary(args.model)
+        if summary is None:
             return _fail(f"no {SUMMARY_FILE} in {args.model!r}: pass --train-length")
-        train_length = json.load(open(summary_path))["train_length"]
+        train_length = summary["train_length"]
     lengths = args.lengths or [train_length * k for k in (1, 2, 4, 8)]
     try:
         token_ids = held_out_token_ids(args.model, data=args.data or ())

@@ -388,13 +388,21 @@ def train_causal_lm(settings: TrainSettings, *, callbacks: Sequence[Any] = ()) -
     return summary
 
 
+def read_summary(model_dir: str) -> dict[str, Any] | None:
+    """The ``training_summary.json`` of a finished run, or None if the folder has none."""
+    path = os.path.join(model_dir, SUMMARY_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def held_out_token_ids(model_dir: str, *, eval_fraction: float | None = None, data: Sequence[str] = ()):
     """The evaluation token stream of a finished run: its held-out documents, tokenized with its tokenizer."""
     import torch
     from transformers import AutoTokenizer
 
-    summary_path = os.path.join(model_dir, SUMMARY_FILE)
-    saved = json.load(open(summary_path))["settings"] if os.path.exists(summary_path) else {}
+    saved = (read_summary(model_dir) or {}).get("settings", {})
     settings = TrainSettings(
         **{k: v for k, v in saved.items() if k in TrainSettings.__dataclass_fields__ and k not in ("data",)}
     )
