@@ -30,7 +30,9 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=800)
     parser.add_argument("--model", default="small")
     parser.add_argument("--hwfa-window", type=int, default=64)
-    parser.add_argument("--max-windows", type=int, default=8, help="evaluation windows per length")
+    parser.add_argument(
+        "--max-windows", type=int, default=8, help="windows at the longest length (all lengths score the same text)"
+    )
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
 

@@ -208,7 +208,12 @@ def _add_eval_length(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, help="ReRoPE window (default: half the training length)")
     p.add_argument("--train-length", type=int, help="default: read from training_summary.json")
     p.add_argument("--data", nargs="+", metavar="FILE", help="evaluation text (default: the run's held-out text)")
-    p.add_argument("--max-windows", type=int, default=8, help="evaluation windows per length")
+    p.add_argument(
+        "--max-windows",
+        type=int,
+        default=8,
+        help="evaluation windows at the longest length (shorter lengths score the same text)",
+    )
     p.add_argument("--output", help="path prefix for .json and .png (default: MODEL/eval_length)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_cmd_eval_length)

@@ -163,7 +163,9 @@ def evaluate_lengths(
 ) -> list[LengthResult]:
     """Evaluate each method at each length on windows cut from ``token_ids`` (a 1-D held-out token stream).
 
-    ``methods=None`` takes every method that applies (``hwfa_rerope`` only for HWFA models); ``window`` defaults to
+    Every length is scored on the same text: the stream is first cut to ``max_windows`` windows of the longest length
+    (fewer if it is shorter), and each length splits that span into its own windows, so a difference between
+    lengths comes from the context length, not from different text. ``methods=None`` takes every method that applies (``hwfa_rerope`` only for HWFA models); ``window`` defaults to
     half the training length for ReRoPE (Su: 1/4 to 1/2 of it).
     """
     import torch
@@ -178,6 +180,9 @@ def evaluate_lengths(
             f"the ReRoPE window must be in [1, train_length); got {window} for train length {train_length}"
         )
     token_ids = torch.as_tensor(token_ids).flatten()
+    longest = max(lengths)
+    span = evaluation_windows(token_ids, longest, max_windows).numel()
+    token_ids = token_ids[:span]
     if methods is None:
         probe = AutoModelForCausalLM.from_pretrained(model_path)
         methods = [m for m in METHODS if m != "hwfa_rerope" or is_hwfa_model(probe)]
@@ -194,7 +199,7 @@ def evaluate_lengths(
             loaded[method] = load_for_method(
                 model_path, method, train_length=train_length, max_length=max(lengths), window=window
             )
-        windows = evaluation_windows(token_ids, length, max_windows)
+        windows = evaluation_windows(token_ids, length, span // length)
         metrics = window_metrics(loaded[method], windows, train_length=train_length, batch_size=batch_size)
         results.append(LengthResult(method=method, length=length, windows=windows.shape[0], **metrics))
     return results

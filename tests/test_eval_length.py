@@ -97,3 +97,12 @@ def test_errors():
         evaluation_windows(torch.arange(10), 16, 4)
     with pytest.raises(ValueError, match="lengths must be"):
         evaluate_lengths("unused", torch.arange(10), train_length=16, lengths=[])
+
+
+def test_every_length_scores_the_same_text(saved_model):
+    """Shorter lengths split the span of the longest length's windows, so lengths differ only in context."""
+    ids = torch.randint(3, 512, (150,))
+    results = evaluate_lengths(
+        saved_model, ids, train_length=TRAIN, lengths=[16, 32, 64], methods=["rope"], max_windows=2, progress=False
+    )
+    assert {r.length: r.windows for r in results} == {16: 8, 32: 4, 64: 2}
