@@ -227,6 +227,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .generation.healing import generate_healed
+    from .modeling import hwfa  # noqa: F401  (registers the attention implementation a saved HWFA llama names)
 
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         return _fail(f"{args.model!r} is not a saved model folder (no config.json)")

@@ -119,6 +119,8 @@ def load_for_method(
     """Load ``model_path`` and apply one method of :data:`METHODS`; raises ValueError for an unknown or unfit one."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .modeling import hwfa  # noqa: F401  (registers the attention implementation a saved HWFA llama names)
+
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     overrides: dict = {"dtype": dtype} if dtype is not None else {}
@@ -184,6 +186,8 @@ def evaluate_lengths(
     span = evaluation_windows(token_ids, longest, max_windows).numel()
     token_ids = token_ids[:span]
     if methods is None:
+        from .modeling import hwfa  # noqa: F401  (registers the attention implementation a saved HWFA llama names)
+
         probe = AutoModelForCausalLM.from_pretrained(model_path)
         methods = [m for m in METHODS if m != "hwfa_rerope" or is_hwfa_model(probe)]
         del probe

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -90,6 +93,12 @@ def test_hwfa_models_get_the_hwfa_rerope_method(tmp_path):
         methods=None,
     )
     assert "hwfa_rerope" in {r.method for r in results}
+    # a fresh process that never imported hf_su.modeling.hwfa (e.g. evaluating a model trained elsewhere) loads it too
+    code = (
+        "from hf_su.eval_length import load_for_method; "
+        f"load_for_method({str(tmp_path)!r}, 'hwfa_rerope', train_length={TRAIN}, max_length=32, window=4)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
 def test_errors():
