@@ -115,7 +115,8 @@ def test_outputs_match_sequential_loop(kind, mode, dtype):
             got, info = deer_rnn(cell, inputs, h0, mode=mode, return_info=True)
         assert got.shape == expected.shape and got.dtype == dtype
         assert (got - expected).abs().max() <= OUTPUT_ATOL[dtype], f"T={T}"
-        assert 0 < info.iterations <= T + 1 and info.residual <= DEFAULT_TOL[dtype]
+        # One step is one chunk, integrated exactly by the first sweep; longer sequences need linear solves.
+        assert (info.iterations > 0) == (T > 1) and info.iterations <= T and info.residual <= DEFAULT_TOL[dtype]
 
 
 def test_newton_converges_quadratically_and_quasi_needs_more_steps():

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .scan import fold_initial_state_, linear_recurrence
+from .scan import linear_recurrence
 
 __all__ = ["DEERConvergenceError", "DEERInfo", "ParallelGRU", "deer_rnn", "gru_cell", "gru_cell_and_diagonal"]
 
@@ -118,9 +118,54 @@ def _shift(h: Tensor, h0: Tensor) -> Tensor:
     return torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)
 
 
+def _chunking(B: int, T: int, H: int, I: int, device: torch.device) -> tuple[int, int]:  # noqa: E741
+    """``(C, K)``: the sequence is cut into ``K`` chunks of ``C`` consecutive steps (``C * K >= T``).
+
+    One slab (the same step of every chunk, ``K * B`` rows) is what the sweep hands to the cell at once. On CPU a
+    slab is sized to stay in L2 cache, where elementwise ops run several times faster than on arrays streamed from
+    memory, and large enough (~4k rows) that torch's per-op overhead stays small. Elsewhere one slab holds the whole
+    sequence (``C = 1``): the cell sees all ``B*T`` rows at once and the scan across chunks does all the work.
+    """
+    chunks = max(1, min(T, _CPU_BLOCK_ELEMENTS // (H + I) // B)) if device.type == "cpu" else T
+    C = -(-T // chunks)
+    return C, -(-T // C)
+
+
+def _to_chunks(x: Tensor, C: int, K: int) -> Tensor:
+    """``[B, T, F]`` -> ``[C, K, B, F]``, step ``t = k*C + c`` at ``[c, k]``; the tail is padded with zeros."""
+    B, T, _ = x.shape
+    if C * K != T:
+        x = F.pad(x, (0, 0, 0, C * K - T))
+    return x.reshape(B, K, C, -1).permute(2, 1, 0, 3).contiguous()
+
+
+def _from_chunks(y: Tensor, T: int) -> Tensor:
+    """Inverse of :func:`_to_chunks`: ``[C, K, B, H]`` -> ``[B, T, H]``."""
+    C, K, B, H = y.shape
+    return y.permute(2, 1, 0, 3).reshape(B, C * K, H)[:, :T].contiguous()
+
+
+def _affine(base: Tensor, A: Tensor, v: Tensor, out: Tensor | None = None, value: float = 1.0) -> Tensor:
+    """``base + value * (A v)`` for diagonal (``A`` shaped like ``v``) or matrix transitions."""
+    if A.dim() == v.dim():
+        return torch.addcmul(base, A, v, value=value, out=out)
+    return torch.add(base, torch.matmul(A, v.unsqueeze(-1)).squeeze(-1), alpha=value, out=out)
+
+
+def _extremes(t: Tensor) -> tuple[Tensor, Tensor]:
+    return tuple(torch.aminmax(t))
+
+
+# Quasi mode keeps the diagonals of an iteration while the residual keeps falling at least this fast per step: the
+# contraction of quasi-DEER comes from the neglected off-diagonal couplings, not from where the diagonal was taken, so
+# once the iterates are near the trajectory a stale diagonal converges as fast as a fresh one, and a step without it
+# costs one cell call instead of a fused call or H probes. A slower step brings fresh diagonals back.
+_KEEP_DIAGONAL_RATE = 0.5
+
+
 @dataclass
 class _Problem:
-    """One RNN evaluation, flattened to ``N = B*T`` independent rows for the parallel cell calls."""
+    """One RNN evaluation: the cell, its inputs as ``N = B*T`` independent rows, and the solver options."""
 
     cell: Cell
     cell_and_diagonal: CellAndDiagonal | None
@@ -136,35 +181,6 @@ class _Problem:
     def steps(self, h: Tensor) -> Tensor:
         return h.reshape(self.shape)
 
-    def value(self, h_prev: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor | None, float]:
-        """``cell`` at every step ``[B, T, H]``; the diagonal transitions when a fused function gives them; and the
-        scaled residual against ``h`` (``inf`` without ``h``).
-
-        Rows are independent, so on CPU they are processed in cache-sized blocks: the dozen elementwise passes of a
-        cell then run on cache-resident data instead of streaming ``[B*T, H]`` arrays through memory each time.
-        """
-        rows = self.rows(h_prev)
-        current = None if h is None else self.rows(h)
-        n_rows, H = rows.shape
-        block = max(1, _CPU_BLOCK_ELEMENTS // (H + self.x.shape[1])) if rows.device.type == "cpu" else n_rows
-        f_val = torch.empty_like(rows)
-        J = torch.empty_like(rows) if self.cell_and_diagonal is not None else None
-        err = rows.new_zeros(())
-        for start in range(0, n_rows, block):
-            part = slice(start, start + block)
-            if J is None:
-                f_part = _evaluate(self.cell, rows[part], self.x[part])
-            else:
-                f_part, J[part] = self._fused(rows[part], self.x[part])
-            f_val[part] = f_part
-            if current is not None:
-                err = torch.maximum(err, (f_part - current[part]).abs_().amax())
-        residual = math.inf
-        if current is not None:
-            value = float(err / (1 + torch.maximum(current.amax(), current.amin().neg())))
-            residual = value if math.isfinite(value) else math.inf
-        return self.steps(f_val), (None if J is None else self.steps(J)), residual
-
     def _fused(self, h_prev: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         out = self.cell_and_diagonal(h_prev, x)
         if not isinstance(out, tuple) or len(out) != 2:
@@ -173,34 +189,40 @@ class _Problem:
         _check_like(out[1], h_prev, "cell_and_diagonal(h_prev, x_t)[1]")
         return out
 
+    def value_and_transitions(self, h_prev: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``cell`` and its Jacobians (diagonals in quasi mode) at rows ``h_prev [n, H]``."""
+        if self.cell_and_diagonal is not None:
+            return self._fused(h_prev, x)
+        return _evaluate(self.cell, h_prev, x), _transition(self.cell, h_prev, x, self.diagonal)
+
     def transitions(self, h_prev: Tensor) -> Tensor:
         """Jacobians (or their diagonals) at ``h_prev``, ``[B, T, H(, H)]``."""
-        if self.cell_and_diagonal is not None:
-            return self.value(h_prev)[1]
-        J = _transition(self.cell, self.rows(h_prev), self.x, self.diagonal)
+        rows = self.rows(h_prev)
+        if self.cell_and_diagonal is None:
+            J = _transition(self.cell, rows, self.x, self.diagonal)
+        else:
+            block = max(1, _CPU_BLOCK_ELEMENTS // (rows.shape[1] + self.x.shape[1])) if rows.is_cpu else len(rows)
+            J = torch.cat(
+                [self._fused(rows[s : s + block], self.x[s : s + block])[1] for s in range(0, len(rows), block)]
+            )
         return J.reshape(*self.shape, *J.shape[2:])
 
     def solve(self, h0: Tensor) -> tuple[Tensor, DEERInfo]:
-        B, T, H = self.shape
-        h = h0.unsqueeze(1).expand(B, T, H).contiguous()  # initial guess, as in the reference
-        residual = math.inf
+        """Iterate to the fixed point from the initial guess ``h_t = h0`` (as the reference does)."""
+        chunks = _ChunkedSolve(self, h0)
+        residual, previous = math.inf, math.inf
         for iteration in range(self.max_iters + 1):
-            h_prev = _shift(h, h0)
-            f_val, J, residual = self.value(h_prev, h)
+            refresh = not self.diagonal or iteration < 2 or not residual <= _KEEP_DIAGONAL_RATE * previous < math.inf
+            previous = residual
+            residual = chunks.sweep(refresh)
+            if residual <= self.tol and refresh and self.cell_and_diagonal is not None:
+                # The fused function only speeds things up: the answer must be the cell's own trajectory.
+                residual = chunks.sweep(refresh=False)
             if residual <= self.tol:
-                if self.cell_and_diagonal is not None:
-                    self._check_fused_value(h_prev, f_val)
-                return h, DEERInfo(iteration, residual)
+                return chunks.result(), DEERInfo(iteration, residual)
             if iteration == self.max_iters:
                 break
-            if J is None:
-                J = self.transitions(h_prev)
-            if self.diagonal:
-                offset = torch.addcmul(f_val, J, h_prev, value=-1)
-            else:
-                offset = f_val - torch.matmul(J, h_prev.unsqueeze(-1)).squeeze(-1)
-            h = linear_recurrence(J, fold_initial_state_(J, offset, h0))
-            torch.nan_to_num_(h, nan=0.0, posinf=_CLAMP, neginf=-_CLAMP)
+            chunks.advance()
         raise DEERConvergenceError(
             f"DEER did not converge in max_iters={self.max_iters} iterations (mode="
             f"{'quasi' if self.diagonal else 'newton'}): scaled residual {residual:.3g} > tol {self.tol:.3g}. "
@@ -208,11 +230,6 @@ class _Problem:
             self.max_iters,
             residual,
         )
-
-    def _check_fused_value(self, h_prev: Tensor, fused: Tensor) -> None:
-        # The fused function only speeds things up; the answer must be the cell's own fixed point.
-        if _Problem(self.cell, None, self.x, self.shape, self.diagonal, self.tol, 1).value(h_prev, fused)[2] > self.tol:
-            raise ValueError("cell_and_diagonal(h_prev, x_t)[0] disagrees with cell(h_prev, x_t)")
 
     def solve_adjoint(self, h_prev: Tensor, grad: Tensor) -> Tensor:
         """``lambda`` with ``lambda_t = g_t + J_{t+1}^T lambda_{t+1}`` (``lambda_T = g_T``), Jacobians at ``h_prev``.
@@ -243,6 +260,99 @@ class _Problem:
             self.max_iters,
             residual,
         )
+
+
+class _ChunkedSolve:
+    """The forward iteration of :meth:`_Problem.solve`, on chunks of consecutive steps (multiple shooting).
+
+    The sequence is cut into ``K`` chunks of ``C`` steps (:func:`_chunking`), laid out as ``[C, K, B, ...]`` so that
+    slab ``c`` holds step ``c`` of every chunk. The unknowns of the Newton iteration are the chunk start states
+    ``s_k`` (``s_0 = h0``). A sweep integrates every chunk exactly from its current start, one cell call per slab on
+    all ``K * B`` rows, which gives the chunk ends ``e_k = Phi_k(s_k)``; the trajectory is consistent when
+    ``s_{k+1} = e_k``. Linearising ``Phi_k`` gives the same linear recurrence as DEER, over chunks instead of steps,
+
+        s_{k+1} = P_k s_k + (e_k - P_k s'_k),      P_k = J_{C-1,k} ... J_{0,k}   (diagonals in quasi mode)
+
+    solved by the parallel scan. With ``C = 1`` this is exactly DEER. Longer chunks trade depth for speed where it
+    pays (CPU): the cell then runs on cache-resident slabs, the steps inside a chunk are exact instead of iterated,
+    and a start error fades inside a chunk for any contractive cell, so few iterations are needed. The guarantees
+    are DEER's: every iteration makes at least one more chunk exact (at most ``K <= T`` iterations), and the answer
+    is accepted on the residual of the returned trajectory, which is zero inside chunks by construction (every
+    state there *is* ``cell`` of its predecessor) and ``|e_k - s_{k+1}|`` at the chunk boundaries, where the
+    trajectory takes the start ``s_{k+1}`` as the last state of chunk ``k``.
+    """
+
+    def __init__(self, problem: _Problem, h0: Tensor) -> None:
+        B, T, H = problem.shape
+        I = problem.x.shape[-1]  # noqa: E741
+        self.problem, self.h0, self.T = problem, h0, T
+        self.C, self.K = _chunking(B, T, H, I, h0.device)
+        self.x = _to_chunks(problem.x.view(B, T, I), self.C, self.K)  # [C, K, B, I]
+        self.starts = h0.new_empty(self.K, B, H).copy_(h0)  # the reference's initial guess: h_t = h0
+        self.P: Tensor | None = None  # chunk transitions [K, B, H(, H)]
+        self.states: list[Tensor] = []  # the last sweep, one [K*B, H] slab per step
+        # The last chunk ends with padding when C does not divide T: its steps from `real_steps` on lie past T.
+        self.real_steps = T - (self.K - 1) * self.C
+        self.fused_checked = False
+
+    def sweep(self, refresh: bool) -> float:
+        """Integrate every chunk from its start; returns the scaled residual of the resulting trajectory.
+
+        ``refresh``: also accumulate the chunk transitions ``P`` (fused diagonals, probes or full Jacobians along
+        the way); otherwise the last ones are kept and only ``cell`` runs.
+        """
+        problem, K, H = self.problem, self.K, self.starts.shape[-1]
+        prev, sizes, self.states, P = self.starts.view(-1, H), [], [], None
+        for c in range(self.C):
+            x = self.x[c].view(K * self.h0.shape[0], -1)
+            if refresh:
+                value, J = problem.value_and_transitions(prev, x)
+                if problem.cell_and_diagonal is not None and not self.fused_checked:
+                    self._check_fused(value, prev, x)
+                P = J if c == 0 else (J * P if problem.diagonal else torch.matmul(J, P))
+            else:
+                value = _evaluate(problem.cell, prev, x)
+            self.states.append(value)
+            if c < self.C - 1:  # the last slab is replaced by the next starts, measured below
+                real = value if c < self.real_steps else value[: -self.h0.shape[0]]
+                sizes += torch.aminmax(real)
+            prev = value
+        if refresh:
+            self.P = P.view(K, *self.starts.shape[1:], *P.shape[2:])
+        ends = self.states[-1].view(self.starts.shape)
+        last = torch.cat([self.starts[1:], ends[K - 1 :]]) if self.real_steps == self.C else self.starts[1:]
+        sizes += torch.aminmax(last) if last.numel() else ()
+        err = (ends[:-1] - self.starts[1:]).abs().max() if K > 1 else ends.new_zeros(())
+        size = torch.stack(sizes).abs().max() if sizes else ends.new_zeros(())
+        scaled = float(err / (1 + size))
+        return scaled if math.isfinite(scaled) else math.inf
+
+    def _check_fused(self, fused: Tensor, h_prev: Tensor, x: Tensor) -> None:
+        # A wrong fused value only costs iterations (answers are accepted on `cell` alone), but it is a bug worth
+        # reporting: compare once, on the first slab.
+        self.fused_checked = True
+        value = _evaluate(self.problem.cell, h_prev, x)
+        if (fused - value).abs().max() > self.problem.tol * (1 + value.abs().max()):
+            raise ValueError("cell_and_diagonal(h_prev, x_t)[0] disagrees with cell(h_prev, x_t)")
+
+    def advance(self) -> None:
+        """Newton step on the chunk starts: ``s_{k+1} = P_k s_k + (e_k - P_k s'_k)`` by the parallel scan."""
+        if self.K == 1:
+            return
+        ends = self.states[-1].view(self.starts.shape)
+        P = self.P[:-1]
+        offsets = _affine(ends[:-1], P, self.starts[:-1], value=-1.0)
+        new = linear_recurrence(P.transpose(0, 1), offsets.transpose(0, 1), self.h0).transpose(0, 1)
+        # Starts are kept finite (as the reference does for RNNs): a chunk that overflows still leaves the exact
+        # chunks before it intact, so the "one more exact chunk per iteration" guarantee survives.
+        torch.nan_to_num_(new, nan=0.0, posinf=_CLAMP, neginf=-_CLAMP)
+        self.starts = torch.cat([self.h0.unsqueeze(0), new])
+
+    def result(self) -> Tensor:
+        """The trajectory of the last sweep, ``[B, T, H]``, its chunk ends replaced by the next starts."""
+        ends = self.states[-1].view(self.starts.shape)
+        states = self.states[:-1] + [torch.cat([self.starts[1:], ends[self.K - 1 :]]).view_as(self.states[-1])]
+        return _from_chunks(torch.stack(states).view(self.C, *self.starts.shape), self.T)
 
 
 class _ImplicitAdjoint(torch.autograd.Function):
