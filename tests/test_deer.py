@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import hf_su.modeling.deer as deer_module
 from hf_su.modeling.deer import (
     DEFAULT_TOL,
     DEERConvergenceError,
@@ -151,6 +152,66 @@ def test_explicit_tol_is_honoured():
         loose = deer_rnn(cell, inputs, h0, mode="quasi", tol=1e-3, return_info=True)[1]
         tight = deer_rnn(cell, inputs, h0, mode="quasi", tol=1e-13, return_info=True)[1]
     assert loose.residual <= 1e-3 and tight.residual <= 1e-13 and loose.iterations < tight.iterations
+
+
+# ----------------------------------------------------------------------------------------------- chunked sweep
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Shrink the CPU slab budget so that short test sequences are cut into several multi-step chunks.
+
+    With B=2, H=5, I=3 a budget of 64 elements gives 4 chunks: T=7 -> chunks of 2 steps (one padded step),
+    T=64 -> 16 steps, T=100 -> 25 steps.
+    """
+    monkeypatch.setattr(deer_module, "_CPU_BLOCK_ELEMENTS", 64)
+
+
+def test_chunking_fits_cpu_cache_and_is_plain_deer_elsewhere():
+    C, K = deer_module._chunking(8, 16384, 16, 48, torch.device("cpu"))
+    assert C * K >= 16384 > (C - 1) * K and K * 8 * (16 + 48) <= deer_module._CPU_BLOCK_ELEMENTS
+    assert deer_module._chunking(8, 16384, 16, 48, torch.device("cuda")) == (1, 16384)
+    assert deer_module._chunking(2, 5, 4, 3, torch.device("cpu")) == (1, 5)  # short: one step per chunk
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_chunked_outputs_match_sequential_loop(kind, mode, dtype):
+    for T in (7, 64, 100):
+        cell, _, inputs, h0 = make_case(kind, dtype, T)
+        C, K = deer_module._chunking(2, T, 5, 3, inputs.device)
+        assert C > 1 and K == 4
+        with torch.no_grad():
+            expected = sequential(cell, inputs, h0)
+            got, info = deer_rnn(cell, inputs, h0, mode=mode, return_info=True)
+        assert (got - expected).abs().max() <= OUTPUT_ATOL[dtype], f"T={T}"
+        assert 0 < info.iterations <= K and info.residual <= DEFAULT_TOL[dtype]
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_chunked_gradients_fused_path_and_at_most_one_iteration_per_chunk():
+    cell, params, inputs, h0 = make_case("gru", F64, 37)
+    inputs.requires_grad_(True)
+    leaves = [inputs, h0.requires_grad_(True), *params]
+    expected = torch.autograd.grad(sequential(cell, inputs, h0).square().sum(), leaves)
+    got = torch.autograd.grad(deer_rnn(cell, inputs, h0, mode="quasi").square().sum(), leaves)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-8)
+
+    gru = nn.GRU(3, 5, batch_first=True, dtype=F64)
+    x, hx = torch.randn(2, 37, 3, dtype=F64), torch.randn(1, 2, 5, dtype=F64)
+    with torch.no_grad():
+        torch.testing.assert_close(ParallelGRU.from_gru(gru)(x, hx)[0], gru(x, hx)[0], rtol=0, atol=1e-8)
+
+    # An expanding cell: convergence comes only from "one more exact chunk per iteration" (4 chunks here).
+    wild, _ = tanh_rnn(3, 5, F64, gain=3.0)
+    inputs = 2 * torch.randn(2, 10, 3, dtype=F64)
+    with torch.no_grad():
+        for mode in MODES:
+            got = deer_rnn(wild, inputs, h0.detach(), mode=mode, max_iters=4)
+            torch.testing.assert_close(got, sequential(wild, inputs, h0.detach()), rtol=0, atol=1e-8)
 
 
 # ----------------------------------------------------------------------------------------------- gradients
