@@ -141,17 +141,15 @@ def _chunking(B: int, T: int, H: int, I: int, device: torch.device) -> tuple[int
 
 
 def _to_chunks(x: Tensor, C: int, K: int) -> Tensor:
-    """``[B, T, F]`` -> ``[C, K, B, F]``, step ``t = k*C + c`` at ``[c, k]``; the tail is padded with zeros."""
+    """``[B, T, F]`` -> ``[B, K, C, F]``: ``K`` chunks of ``C`` steps, the tail padded with zeros when ``C*K > T``.
+
+    A view when nothing is padded; step ``c`` of every chunk, ``chunks[:, :, c]``, then reshapes to ``[B*K, F]``
+    rows without a copy (row stride ``C*F``), in ``(b, k)`` order.
+    """
     B, T, _ = x.shape
     if C * K != T:
         x = F.pad(x, (0, 0, 0, C * K - T))
-    return x.reshape(B, K, C, -1).permute(2, 1, 0, 3).contiguous()
-
-
-def _from_chunks(y: Tensor, T: int) -> Tensor:
-    """Inverse of :func:`_to_chunks`: ``[C, K, B, H]`` -> ``[B, T, H]``."""
-    C, K, B, H = y.shape
-    return y.permute(2, 1, 0, 3).reshape(B, C * K, H)[:, :T].contiguous()
+    return x.view(B, K, C, -1)
 
 
 def _affine(base: Tensor, A: Tensor, v: Tensor, out: Tensor | None = None, value: float = 1.0) -> Tensor:
@@ -272,11 +270,11 @@ class _Problem:
 class _ChunkedSolve:
     """The forward iteration of :meth:`_Problem.solve`, on chunks of consecutive steps (multiple shooting).
 
-    The sequence is cut into ``K`` chunks of ``C`` steps (:func:`_chunking`), laid out as ``[C, K, B, ...]`` so that
-    slab ``c`` holds step ``c`` of every chunk. The unknowns of the Newton iteration are the chunk start states
-    ``s_k`` (``s_0 = h0``). A sweep integrates every chunk exactly from its current start, one cell call per slab on
-    all ``K * B`` rows, which gives the chunk ends ``e_k = Phi_k(s_k)``; the trajectory is consistent when
-    ``s_{k+1} = e_k``. Linearising ``Phi_k`` gives the same linear recurrence as DEER, over chunks instead of steps,
+    The sequence is cut into ``K`` chunks of ``C`` steps (:func:`_chunking`); slab ``c`` holds step ``c`` of every
+    chunk, ``B*K`` rows. The unknowns of the Newton iteration are the chunk start states ``s_k`` (``s_0 = h0``). A
+    sweep integrates every chunk exactly from its current start, one cell call per slab, which gives the chunk ends
+    ``e_k = Phi_k(s_k)``; the trajectory is consistent when ``s_{k+1} = e_k``. Linearising ``Phi_k`` gives the same
+    linear recurrence as DEER, over chunks instead of steps,
 
         s_{k+1} = P_k s_k + (e_k - P_k s'_k),      P_k = J_{C-1,k} ... J_{0,k}   (diagonals in quasi mode)
 
@@ -294,10 +292,10 @@ class _ChunkedSolve:
         I = problem.x.shape[-1]  # noqa: E741
         self.problem, self.h0, self.T = problem, h0, T
         self.C, self.K = _chunking(B, T, H, I, h0.device)
-        self.x = _to_chunks(problem.x.view(B, T, I), self.C, self.K)  # [C, K, B, I]
-        self.starts = h0.new_empty(self.K, B, H).copy_(h0)  # the reference's initial guess: h_t = h0
-        self.P: Tensor | None = None  # chunk transitions [K, B, H(, H)]
-        self.states: list[Tensor] = []  # the last sweep, one [K*B, H] slab per step
+        self.x = _to_chunks(problem.x.view(B, T, I), self.C, self.K)  # [B, K, C, I]
+        self.starts = h0.unsqueeze(1).repeat(1, self.K, 1)  # [B, K, H]; the reference's initial guess h_t = h0
+        self.P: Tensor | None = None  # chunk transitions [B, K, H(, H)]
+        self.states: list[Tensor] = []  # the last sweep: one [B*K, H] slab per step
         # The last chunk ends with padding when C does not divide T: its steps from `real_steps` on lie past T.
         self.real_steps = T - (self.K - 1) * self.C
         self.fused_checked = False
@@ -308,10 +306,10 @@ class _ChunkedSolve:
         ``refresh``: also accumulate the chunk transitions ``P`` (fused diagonals, probes or full Jacobians along
         the way); otherwise the last ones are kept and only ``cell`` runs.
         """
-        problem, K, H = self.problem, self.K, self.starts.shape[-1]
-        prev, sizes, self.states, P = self.starts.view(-1, H), [], [], None
+        problem, (B, K, H) = self.problem, self.starts.shape
+        prev, sizes, self.states, P = self.starts.view(B * K, H), [], [], None
         for c in range(self.C):
-            x = self.x[c].view(K * self.h0.shape[0], -1)
+            x = self.x[:, :, c].reshape(B * K, -1)
             if refresh:
                 value, J = problem.value_and_transitions(prev, x)
                 if problem.cell_and_diagonal is not None and not self.fused_checked:
@@ -321,18 +319,21 @@ class _ChunkedSolve:
                 value = _evaluate(problem.cell, prev, x)
             self.states.append(value)
             if c < self.C - 1:  # the last slab is replaced by the next starts, measured below
-                real = value if c < self.real_steps else value[: -self.h0.shape[0]]
-                sizes += torch.aminmax(real)
+                sizes += torch.aminmax(value if c < self.real_steps else value.view(B, K, H)[:, :-1])
             prev = value
         if refresh:
-            self.P = P.view(K, *self.starts.shape[1:], *P.shape[2:])
-        ends = self.states[-1].view(self.starts.shape)
-        last = torch.cat([self.starts[1:], ends[K - 1 :]]) if self.real_steps == self.C else self.starts[1:]
-        sizes += torch.aminmax(last) if last.numel() else ()
-        err = (ends[:-1] - self.starts[1:]).abs().max() if K > 1 else ends.new_zeros(())
-        size = torch.stack(sizes).abs().max() if sizes else ends.new_zeros(())
-        scaled = float(err / (1 + size))
+            self.P = P.view(B, K, *P.shape[1:])
+        ends = self.states[-1].view(B, K, H)
+        sizes += torch.aminmax(self._last_slab(ends, padded_too=False))
+        err = (ends[:, :-1] - self.starts[:, 1:]).abs().max() if K > 1 else ends.new_zeros(())
+        scaled = float(err / (1 + torch.stack(sizes).abs().max()))
         return scaled if math.isfinite(scaled) else math.inf
+
+    def _last_slab(self, ends: Tensor, padded_too: bool = True) -> Tensor:
+        """The trajectory's last step of every chunk: the next chunk's start, and the end of the last chunk."""
+        if self.real_steps < self.C and not padded_too:
+            return self.starts[:, 1:]
+        return torch.cat([self.starts[:, 1:], ends[:, -1:]], dim=1)
 
     def _check_fused(self, fused: Tensor, h_prev: Tensor, x: Tensor) -> None:
         # A wrong fused value only costs iterations (answers are accepted on `cell` alone), but it is a bug worth
@@ -346,20 +347,19 @@ class _ChunkedSolve:
         """Newton step on the chunk starts: ``s_{k+1} = P_k s_k + (e_k - P_k s'_k)`` by the parallel scan."""
         if self.K == 1:
             return
-        ends = self.states[-1].view(self.starts.shape)
-        P = self.P[:-1]
-        offsets = _affine(ends[:-1], P, self.starts[:-1], value=-1.0)
-        new = linear_recurrence(P.transpose(0, 1), offsets.transpose(0, 1), self.h0).transpose(0, 1)
+        ends, P = self.states[-1].view(self.starts.shape), self.P[:, :-1]
+        new = linear_recurrence(P, _affine(ends[:, :-1], P, self.starts[:, :-1], value=-1.0), self.h0)
         # Starts are kept finite (as the reference does for RNNs): a chunk that overflows still leaves the exact
         # chunks before it intact, so the "one more exact chunk per iteration" guarantee survives.
         torch.nan_to_num_(new, nan=0.0, posinf=_CLAMP, neginf=-_CLAMP)
-        self.starts = torch.cat([self.h0.unsqueeze(0), new])
+        self.starts = torch.cat([self.h0.unsqueeze(1), new], dim=1)
 
     def result(self) -> Tensor:
-        """The trajectory of the last sweep, ``[B, T, H]``, its chunk ends replaced by the next starts."""
-        ends = self.states[-1].view(self.starts.shape)
-        states = self.states[:-1] + [torch.cat([self.starts[1:], ends[self.K - 1 :]]).view_as(self.states[-1])]
-        return _from_chunks(torch.stack(states).view(self.C, *self.starts.shape), self.T)
+        """The trajectory of the last sweep, ``[B, T, H]``."""
+        B, K, H = self.starts.shape
+        slabs = [state.view(B, K, H) for state in self.states[:-1]]
+        slabs.append(self._last_slab(self.states[-1].view(B, K, H)))
+        return torch.stack(slabs, dim=2).view(B, K * self.C, H)[:, : self.T].contiguous()
 
 
 class _ImplicitAdjoint(torch.autograd.Function):
