@@ -24,6 +24,16 @@ MODES = ("newton", "quasi")
 LENGTHS = (1, 7, 64, 100)
 # The issue's acceptance tolerances against the sequential loop.
 OUTPUT_ATOL = {torch.float64: 1e-8, torch.float32: 1e-4}
+CPU_CHUNK_DEFAULTS = {"_CHUNK_STEPS": deer_module._CHUNK_STEPS, "_CPU_BLOCK_ELEMENTS": deer_module._CPU_BLOCK_ELEMENTS}
+
+
+@pytest.fixture(autouse=True)
+def one_step_chunks(monkeypatch):
+    """Most tests check DEER itself: one step per chunk, the paper's algorithm (and the one used on accelerators).
+
+    The CPU's multi-step chunks (multiple shooting) are tested on their own below, with the `small_chunks` fixture.
+    """
+    monkeypatch.setattr(deer_module, "_CHUNK_STEPS", 1)
 
 
 def sequential(cell, inputs: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
@@ -159,19 +169,42 @@ def test_explicit_tol_is_honoured():
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Shrink the CPU slab budget so that short test sequences are cut into several multi-step chunks.
+    """Multi-step chunks for short test sequences: with B=2, H=5, I=3 a slab budget of 64 elements allows 4 chunks.
 
-    With B=2, H=5, I=3 a budget of 64 elements gives 4 chunks: T=7 -> chunks of 2 steps (one padded step),
-    T=64 -> 16 steps, T=100 -> 25 steps.
+    T=7 -> chunks of 2 steps (one padded step), T=64 -> 16 steps, T=100 -> 25 steps.
     """
+    monkeypatch.setattr(deer_module, "_CHUNK_STEPS", 2)
     monkeypatch.setattr(deer_module, "_CPU_BLOCK_ELEMENTS", 64)
 
 
-def test_chunking_fits_cpu_cache_and_is_plain_deer_elsewhere():
-    C, K = deer_module._chunking(8, 16384, 16, 48, torch.device("cpu"))
+def test_chunking_fits_cpu_cache_and_is_plain_deer_elsewhere(monkeypatch):
+    for name, value in CPU_CHUNK_DEFAULTS.items():
+        monkeypatch.setattr(deer_module, name, value)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    C, K = deer_module._chunking(8, 16384, 16, 48, cpu)
     assert C * K >= 16384 > (C - 1) * K and K * 8 * (16 + 48) <= deer_module._CPU_BLOCK_ELEMENTS
-    assert deer_module._chunking(8, 16384, 16, 48, torch.device("cuda")) == (1, 16384)
-    assert deer_module._chunking(2, 5, 4, 3, torch.device("cpu")) == (1, 5)  # short: one step per chunk
+    assert deer_module._chunking(8, 1000, 16, 48, cpu) == (
+        deer_module._CHUNK_STEPS,
+        -(-1000 // deer_module._CHUNK_STEPS),
+    )
+    assert deer_module._chunking(2, 5, 4, 3, cpu) == (5, 1)  # short: one chunk, integrated exactly by one sweep
+    assert deer_module._chunking(8, 16384, 16, 48, cuda) == (1, 16384)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_default_cpu_chunks_parallel_gru_matches_torch_gru(monkeypatch, mode):
+    for name, value in CPU_CHUNK_DEFAULTS.items():
+        monkeypatch.setattr(deer_module, name, value)
+    T, H = 203, 6
+    assert deer_module._chunking(2, T, H, 3 * H, torch.device("cpu"))[0] > 1  # several steps per chunk, padded
+    gru = nn.GRU(4, H, batch_first=True, dtype=F64)
+    ours = ParallelGRU.from_gru(gru, mode=mode)
+    x, hx = torch.randn(2, T, 4, dtype=F64), torch.randn(1, 2, H, dtype=F64)
+    torch.testing.assert_close(ours(x, hx)[0], gru(x, hx)[0], rtol=0, atol=1e-8)
+    expected = torch.autograd.grad(gru(x, hx)[0].square().sum(), list(gru.parameters()))
+    got = torch.autograd.grad(ours(x, hx)[0].square().sum(), list(ours.parameters()))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-8)
 
 
 @pytest.mark.usefixtures("small_chunks")

@@ -60,6 +60,11 @@ _CLAMP = 1e8
 # than on arrays streamed from memory, and ~4k rows for H=16, enough that torch's per-op overhead stays small.
 _CPU_BLOCK_ELEMENTS = 1 << 18
 
+# Steps per chunk that the CPU sweep aims for. A start error of a contractive cell fades within a few dozen steps, so
+# the iteration on chunk starts converges in one or two steps (a GRU: 1 from T=1k to 64k), while shorter chunks need
+# more iterations (2-step chunks: 7) and longer ones only add sequential cell calls.
+_CHUNK_STEPS = 32
+
 # Elements per chunk of the batched Jacobian probes (H probes x rows x H outputs), to bound memory.
 _PROBE_BUDGET = 1 << 23
 
@@ -130,12 +135,15 @@ def _shift(h: Tensor, h0: Tensor) -> Tensor:
 def _chunking(B: int, T: int, H: int, I: int, device: torch.device) -> tuple[int, int]:  # noqa: E741
     """``(C, K)``: the sequence is cut into ``K`` chunks of ``C`` consecutive steps (``C * K >= T``).
 
-    One slab (the same step of every chunk, ``K * B`` rows) is what the sweep hands to the cell at once. On CPU a
-    slab is sized to stay in L2 cache, where elementwise ops run several times faster than on arrays streamed from
-    memory, and large enough (~4k rows) that torch's per-op overhead stays small. Elsewhere one slab holds the whole
-    sequence (``C = 1``): the cell sees all ``B*T`` rows at once and the scan across chunks does all the work.
+    One slab (the same step of every chunk, ``B*K`` rows) is what the sweep hands to the cell at once. On CPU chunks
+    aim at :data:`_CHUNK_STEPS` steps, and there are at most as many as keep a slab within
+    :data:`_CPU_BLOCK_ELEMENTS` (in L2 cache, where elementwise ops run several times faster than on arrays streamed
+    from memory). Elsewhere every chunk is one step (``C = 1``): plain DEER, the cell sees all ``B*T`` rows at once
+    and the scan does all the work, as suits a massively parallel device.
     """
-    chunks = max(1, min(T, _CPU_BLOCK_ELEMENTS // (H + I) // B)) if device.type == "cpu" else T
+    if device.type != "cpu":
+        return 1, T
+    chunks = max(1, min(-(-T // _CHUNK_STEPS), _CPU_BLOCK_ELEMENTS // (H + I) // B))
     C = -(-T // chunks)
     return C, -(-T // C)
 
