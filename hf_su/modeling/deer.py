@@ -160,11 +160,11 @@ def _to_chunks(x: Tensor, C: int, K: int) -> Tensor:
     return x.view(B, K, C, -1)
 
 
-def _affine(base: Tensor, A: Tensor, v: Tensor, out: Tensor | None = None, value: float = 1.0) -> Tensor:
+def _affine(base: Tensor, A: Tensor, v: Tensor, value: float = 1.0) -> Tensor:
     """``base + value * (A v)`` for diagonal (``A`` shaped like ``v``) or matrix transitions."""
     if A.dim() == v.dim():
-        return torch.addcmul(base, A, v, value=value, out=out)
-    return torch.add(base, torch.matmul(A, v.unsqueeze(-1)).squeeze(-1), alpha=value, out=out)
+        return torch.addcmul(base, A, v, value=value)
+    return torch.add(base, torch.matmul(A, v.unsqueeze(-1)).squeeze(-1), alpha=value)
 
 
 # Quasi mode takes the transitions of the first sweep and keeps them while the residual falls at least this fast
@@ -332,15 +332,14 @@ class _ChunkedSolve:
         if refresh:
             self.P = P.view(B, K, *P.shape[1:])
         ends = self.states[-1].view(B, K, H)
-        sizes += torch.aminmax(self._last_slab(ends, padded_too=False))
+        last = self._last_slab(ends)
+        sizes += torch.aminmax(last if self.real_steps == self.C else last[:, :-1])
         err = (ends[:, :-1] - self.starts[:, 1:]).abs().max() if K > 1 else ends.new_zeros(())
         scaled = float(err / (1 + torch.stack(sizes).abs().max()))
         return scaled if math.isfinite(scaled) else math.inf
 
-    def _last_slab(self, ends: Tensor, padded_too: bool = True) -> Tensor:
-        """The trajectory's last step of every chunk: the next chunk's start, and the end of the last chunk."""
-        if self.real_steps < self.C and not padded_too:
-            return self.starts[:, 1:]
+    def _last_slab(self, ends: Tensor) -> Tensor:
+        """The trajectory's last step of every chunk, ``[B, K, H]``: the next chunk's start; the last chunk's end."""
         return torch.cat([self.starts[:, 1:], ends[:, -1:]], dim=1)
 
     def _check_fused(self, fused: Tensor, h_prev: Tensor, x: Tensor) -> None:
