@@ -195,8 +195,9 @@ def test_chunking_fits_cpu_cache_and_is_plain_deer_elsewhere(monkeypatch):
 def test_default_cpu_chunks_parallel_gru_matches_torch_gru(monkeypatch, mode):
     for name, value in CPU_CHUNK_DEFAULTS.items():
         monkeypatch.setattr(deer_module, name, value)
-    T, H = 203, 6
-    assert deer_module._chunking(2, T, H, 3 * H, torch.device("cpu"))[0] > 1  # several steps per chunk, padded
+    T, H = 200, 6
+    C, K = deer_module._chunking(2, T, H, 3 * H, torch.device("cpu"))
+    assert C > 1 and K > 1 and C * K > T  # several chunks of several steps, the last one padded
     gru = nn.GRU(4, H, batch_first=True, dtype=F64)
     ours = ParallelGRU.from_gru(gru, mode=mode)
     x, hx = torch.randn(2, T, 4, dtype=F64), torch.randn(1, 2, H, dtype=F64)
@@ -224,7 +225,7 @@ def test_chunked_outputs_match_sequential_loop(kind, mode, dtype):
 
 
 @pytest.mark.usefixtures("small_chunks")
-def test_chunked_gradients_fused_path_and_at_most_one_iteration_per_chunk():
+def test_chunked_gradients_fused_path_and_at_most_one_iteration_per_chunk(monkeypatch):
     cell, params, inputs, h0 = make_case("gru", F64, 37)
     inputs.requires_grad_(True)
     leaves = [inputs, h0.requires_grad_(True), *params]
@@ -233,18 +234,22 @@ def test_chunked_gradients_fused_path_and_at_most_one_iteration_per_chunk():
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-8)
 
-    gru = nn.GRU(3, 5, batch_first=True, dtype=F64)
-    x, hx = torch.randn(2, 37, 3, dtype=F64), torch.randn(1, 2, 5, dtype=F64)
-    with torch.no_grad():
-        torch.testing.assert_close(ParallelGRU.from_gru(gru)(x, hx)[0], gru(x, hx)[0], rtol=0, atol=1e-8)
-
     # An expanding cell: convergence comes only from "one more exact chunk per iteration" (4 chunks here).
     wild, _ = tanh_rnn(3, 5, F64, gain=3.0)
     inputs = 2 * torch.randn(2, 10, 3, dtype=F64)
+    assert deer_module._chunking(2, 10, 5, 3, inputs.device) == (3, 4)
     with torch.no_grad():
         for mode in MODES:
             got = deer_rnn(wild, inputs, h0.detach(), mode=mode, max_iters=4)
             torch.testing.assert_close(got, sequential(wild, inputs, h0.detach()), rtol=0, atol=1e-8)
+
+    # ParallelGRU's cell reads the 3H = 15 gate pre-activations: a larger slab budget gives it 4 chunks too.
+    monkeypatch.setattr(deer_module, "_CPU_BLOCK_ELEMENTS", 4 * 2 * (5 + 15))
+    assert deer_module._chunking(2, 37, 5, 15, torch.device("cpu")) == (10, 4)
+    gru = nn.GRU(3, 5, batch_first=True, dtype=F64)
+    x, hx = torch.randn(2, 37, 3, dtype=F64), torch.randn(1, 2, 5, dtype=F64)
+    with torch.no_grad():
+        torch.testing.assert_close(ParallelGRU.from_gru(gru)(x, hx)[0], gru(x, hx)[0], rtol=0, atol=1e-8)
 
 
 # ----------------------------------------------------------------------------------------------- gradients
