@@ -96,7 +96,8 @@ def _transition(cell: Cell, h_prev: Tensor, x: Tensor, diagonal: bool) -> Tensor
     computed once, and rows are chunked to bound memory. The diagonal needs the same ``H`` probes as the full
     Jacobian: a single JVP with a ones tangent would give row *sums* ``J 1``, which equal the diagonal only for
     cells whose Jacobian is already diagonal, and is a poor (possibly divergent) approximation for dense cells such as
-    a GRU. Quasi mode saves the ``O(H^3)`` matrix scan and the ``O(T H^2)`` Jacobian memory, not the probes.
+    a GRU. Quasi mode saves the ``O(H^3)`` matrix products and the ``H^2`` memory per row, not the probes; it keeps
+    the diagonals of the first sweep, though, and probes again only when the iteration stalls.
     """
     n_rows, H = h_prev.shape
     eye = torch.eye(H, dtype=h_prev.dtype, device=h_prev.device)
