@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import hf_su.modeling.deer as deer_module
 from hf_su.modeling.deer import (
     DEFAULT_TOL,
     DEERConvergenceError,
@@ -23,6 +24,16 @@ MODES = ("newton", "quasi")
 LENGTHS = (1, 7, 64, 100)
 # The issue's acceptance tolerances against the sequential loop.
 OUTPUT_ATOL = {torch.float64: 1e-8, torch.float32: 1e-4}
+CPU_CHUNK_DEFAULTS = {"_CHUNK_STEPS": deer_module._CHUNK_STEPS, "_CPU_BLOCK_ELEMENTS": deer_module._CPU_BLOCK_ELEMENTS}
+
+
+@pytest.fixture(autouse=True)
+def one_step_chunks(monkeypatch):
+    """Most tests check DEER itself: one step per chunk, the paper's algorithm (and the one used on accelerators).
+
+    The CPU's multi-step chunks (multiple shooting) are tested on their own below, with the `small_chunks` fixture.
+    """
+    monkeypatch.setattr(deer_module, "_CHUNK_STEPS", 1)
 
 
 def sequential(cell, inputs: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
@@ -115,7 +126,8 @@ def test_outputs_match_sequential_loop(kind, mode, dtype):
             got, info = deer_rnn(cell, inputs, h0, mode=mode, return_info=True)
         assert got.shape == expected.shape and got.dtype == dtype
         assert (got - expected).abs().max() <= OUTPUT_ATOL[dtype], f"T={T}"
-        assert 0 < info.iterations <= T + 1 and info.residual <= DEFAULT_TOL[dtype]
+        # One step is one chunk, integrated exactly by the first sweep; longer sequences need linear solves.
+        assert (info.iterations > 0) == (T > 1) and info.iterations <= T and info.residual <= DEFAULT_TOL[dtype]
 
 
 def test_newton_converges_quadratically_and_quasi_needs_more_steps():
@@ -150,6 +162,94 @@ def test_explicit_tol_is_honoured():
         loose = deer_rnn(cell, inputs, h0, mode="quasi", tol=1e-3, return_info=True)[1]
         tight = deer_rnn(cell, inputs, h0, mode="quasi", tol=1e-13, return_info=True)[1]
     assert loose.residual <= 1e-3 and tight.residual <= 1e-13 and loose.iterations < tight.iterations
+
+
+# ----------------------------------------------------------------------------------------------- chunked sweep
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Multi-step chunks for short test sequences: with B=2, H=5, I=3 a slab budget of 64 elements allows 4 chunks.
+
+    T=7 -> chunks of 2 steps (one padded step), T=64 -> 16 steps, T=100 -> 25 steps.
+    """
+    monkeypatch.setattr(deer_module, "_CHUNK_STEPS", 2)
+    monkeypatch.setattr(deer_module, "_CPU_BLOCK_ELEMENTS", 64)
+
+
+def test_chunking_fits_cpu_cache_and_is_plain_deer_elsewhere(monkeypatch):
+    for name, value in CPU_CHUNK_DEFAULTS.items():
+        monkeypatch.setattr(deer_module, name, value)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    C, K = deer_module._chunking(8, 16384, 16, 48, cpu)
+    assert C * K >= 16384 > (C - 1) * K and K * 8 * (16 + 48) <= deer_module._CPU_BLOCK_ELEMENTS
+    assert deer_module._chunking(8, 1000, 16, 48, cpu) == (
+        deer_module._CHUNK_STEPS,
+        -(-1000 // deer_module._CHUNK_STEPS),
+    )
+    assert deer_module._chunking(2, 5, 4, 3, cpu) == (5, 1)  # short: one chunk, integrated exactly by one sweep
+    assert deer_module._chunking(8, 16384, 16, 48, cuda) == (1, 16384)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_default_cpu_chunks_parallel_gru_matches_torch_gru(monkeypatch, mode):
+    for name, value in CPU_CHUNK_DEFAULTS.items():
+        monkeypatch.setattr(deer_module, name, value)
+    T, H = 200, 6
+    C, K = deer_module._chunking(2, T, H, 3 * H, torch.device("cpu"))
+    assert C > 1 and K > 1 and C * K > T  # several chunks of several steps, the last one padded
+    gru = nn.GRU(4, H, batch_first=True, dtype=F64)
+    ours = ParallelGRU.from_gru(gru, mode=mode)
+    x, hx = torch.randn(2, T, 4, dtype=F64), torch.randn(1, 2, H, dtype=F64)
+    torch.testing.assert_close(ours(x, hx)[0], gru(x, hx)[0], rtol=0, atol=1e-8)
+    expected = torch.autograd.grad(gru(x, hx)[0].square().sum(), list(gru.parameters()))
+    got = torch.autograd.grad(ours(x, hx)[0].square().sum(), list(ours.parameters()))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_chunked_outputs_match_sequential_loop(kind, mode, dtype):
+    for T in (7, 64, 100):
+        cell, _, inputs, h0 = make_case(kind, dtype, T)
+        C, K = deer_module._chunking(2, T, 5, 3, inputs.device)
+        assert C > 1 and K == 4
+        with torch.no_grad():
+            expected = sequential(cell, inputs, h0)
+            got, info = deer_rnn(cell, inputs, h0, mode=mode, return_info=True)
+        assert (got - expected).abs().max() <= OUTPUT_ATOL[dtype], f"T={T}"
+        assert 0 < info.iterations <= K and info.residual <= DEFAULT_TOL[dtype]
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_chunked_gradients_fused_path_and_at_most_one_iteration_per_chunk(monkeypatch):
+    cell, params, inputs, h0 = make_case("gru", F64, 37)
+    inputs.requires_grad_(True)
+    leaves = [inputs, h0.requires_grad_(True), *params]
+    expected = torch.autograd.grad(sequential(cell, inputs, h0).square().sum(), leaves)
+    got = torch.autograd.grad(deer_rnn(cell, inputs, h0, mode="quasi").square().sum(), leaves)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-8)
+
+    # An expanding cell: convergence comes only from "one more exact chunk per iteration" (4 chunks here).
+    wild, _ = tanh_rnn(3, 5, F64, gain=3.0)
+    inputs = 2 * torch.randn(2, 10, 3, dtype=F64)
+    assert deer_module._chunking(2, 10, 5, 3, inputs.device) == (3, 4)
+    with torch.no_grad():
+        for mode in MODES:
+            got = deer_rnn(wild, inputs, h0.detach(), mode=mode, max_iters=4)
+            torch.testing.assert_close(got, sequential(wild, inputs, h0.detach()), rtol=0, atol=1e-8)
+
+    # ParallelGRU's cell reads the 3H = 15 gate pre-activations: a larger slab budget gives it 4 chunks too.
+    monkeypatch.setattr(deer_module, "_CPU_BLOCK_ELEMENTS", 4 * 2 * (5 + 15))
+    assert deer_module._chunking(2, 37, 5, 15, torch.device("cpu")) == (10, 4)
+    gru = nn.GRU(3, 5, batch_first=True, dtype=F64)
+    x, hx = torch.randn(2, 37, 3, dtype=F64), torch.randn(1, 2, 5, dtype=F64)
+    with torch.no_grad():
+        torch.testing.assert_close(ParallelGRU.from_gru(gru)(x, hx)[0], gru(x, hx)[0], rtol=0, atol=1e-8)
 
 
 # ----------------------------------------------------------------------------------------------- gradients

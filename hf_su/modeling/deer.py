@@ -11,6 +11,12 @@ solution, ``O(T H^3)`` scan work). ``mode="quasi"`` keeps only the Jacobians' di
 2024): an elementwise scan, ``O(T H)`` memory, more but cheaper iterations. Both converge to the same fixed point and
 both are exact after at most ``T`` iterations (each iteration fixes at least one more leading step).
 
+On CPU the iteration runs on chunks of consecutive steps (multiple shooting, :class:`_ChunkedSolve`): every chunk
+is integrated exactly from its start state, all chunks at once, one cell call per step on cache-resident slabs,
+and the Newton (or quasi-Newton) iteration with its scan acts on the chunk start states only. A start error fades
+inside a chunk for contractive cells, so long sequences converge in one or two iterations. On accelerators, and
+for short sequences, chunks are single steps: plain DEER.
+
 Gradients use implicit differentiation at the solution: the adjoint recurrence
 ``lambda_t = g_t + J_{t+1}^T lambda_{t+1}`` is solved by the same scan (backwards in time), then ``lambda`` is
 back-propagated through one parallel call of the cell, which delivers the gradients for the inputs, ``h0`` and
@@ -30,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .scan import fold_initial_state_, linear_recurrence
+from .scan import linear_recurrence
 
 __all__ = ["DEERConvergenceError", "DEERInfo", "ParallelGRU", "deer_rnn", "gru_cell", "gru_cell_and_diagonal"]
 
@@ -49,8 +55,15 @@ DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2, 
 # is only ever accepted on its residual.
 _CLAMP = 1e8
 
-# Elements (rows x (H + I)) per row block of the cell calls on CPU: about a MiB of operands, to stay in cache.
+# Elements (rows x (H + I)) per cell call on CPU (a slab of the chunked sweep, a block of the fused diagonals in the
+# backward pass): about a MiB of operands, which stays in L2 cache, where elementwise ops run several times faster
+# than on arrays streamed from memory, and ~4k rows for H=16, enough that torch's per-op overhead stays small.
 _CPU_BLOCK_ELEMENTS = 1 << 18
+
+# Steps per chunk that the CPU sweep aims for. A start error of a contractive cell fades within a few dozen steps, so
+# the iteration on chunk starts converges in one or two steps (a GRU: 1 from T=1k to 64k), while shorter chunks need
+# more iterations (2-step chunks: 7) and longer ones only add sequential cell calls.
+_CHUNK_STEPS = 32
 
 # Elements per chunk of the batched Jacobian probes (H probes x rows x H outputs), to bound memory.
 _PROBE_BUDGET = 1 << 23
@@ -60,7 +73,8 @@ class DEERInfo(NamedTuple):
     """Convergence report of :func:`deer_rnn`."""
 
     iterations: int
-    """Newton (or quasi-Newton) steps taken, i.e. parallel linear solves; 0 when the initial guess already fits."""
+    """Newton (or quasi-Newton) steps taken, i.e. parallel linear solves; 0 when the first sweep already fits
+    (always the case for a single chunk, e.g. ``T = 1``)."""
     residual: float
     """Scaled residual ``max_t |h_t - cell(h_{t-1}, x_t)| / (1 + max_t |h_t|)`` of the returned trajectory."""
 
@@ -82,7 +96,8 @@ def _transition(cell: Cell, h_prev: Tensor, x: Tensor, diagonal: bool) -> Tensor
     computed once, and rows are chunked to bound memory. The diagonal needs the same ``H`` probes as the full
     Jacobian: a single JVP with a ones tangent would give row *sums* ``J 1``, which equal the diagonal only for
     cells whose Jacobian is already diagonal, and is a poor (possibly divergent) approximation for dense cells such as
-    a GRU. Quasi mode saves the ``O(H^3)`` matrix scan and the ``O(T H^2)`` Jacobian memory, not the probes.
+    a GRU. Quasi mode saves the ``O(H^3)`` matrix products and the ``H^2`` memory per row, not the probes; it keeps
+    the diagonals of the first sweep, though, and probes again only when the iteration stalls.
     """
     n_rows, H = h_prev.shape
     eye = torch.eye(H, dtype=h_prev.dtype, device=h_prev.device)
@@ -118,9 +133,52 @@ def _shift(h: Tensor, h0: Tensor) -> Tensor:
     return torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)
 
 
+def _chunking(B: int, T: int, H: int, I: int, device: torch.device) -> tuple[int, int]:  # noqa: E741
+    """``(C, K)``: the sequence is cut into ``K`` chunks of ``C`` consecutive steps (``C * K >= T``).
+
+    One slab (the same step of every chunk, ``B*K`` rows) is what the sweep hands to the cell at once. On CPU chunks
+    aim at :data:`_CHUNK_STEPS` steps, and there are at most as many as keep a slab within
+    :data:`_CPU_BLOCK_ELEMENTS` (in L2 cache, where elementwise ops run several times faster than on arrays streamed
+    from memory). Elsewhere every chunk is one step (``C = 1``): plain DEER, the cell sees all ``B*T`` rows at once
+    and the scan does all the work, as suits a massively parallel device.
+    """
+    if device.type != "cpu":
+        return 1, T
+    chunks = max(1, min(-(-T // _CHUNK_STEPS), _CPU_BLOCK_ELEMENTS // (H + I) // B))
+    C = -(-T // chunks)
+    return C, -(-T // C)
+
+
+def _to_chunks(x: Tensor, C: int, K: int) -> Tensor:
+    """``[B, T, F]`` -> ``[B, K, C, F]``: ``K`` chunks of ``C`` steps, the tail padded with zeros when ``C*K > T``.
+
+    A view when nothing is padded; step ``c`` of every chunk, ``chunks[:, :, c]``, then reshapes to ``[B*K, F]``
+    rows without a copy (row stride ``C*F``), in ``(b, k)`` order.
+    """
+    B, T, _ = x.shape
+    if C * K != T:
+        x = F.pad(x, (0, 0, 0, C * K - T))
+    return x.view(B, K, C, -1)
+
+
+def _affine(base: Tensor, A: Tensor, v: Tensor, value: float = 1.0) -> Tensor:
+    """``base + value * (A v)`` for diagonal (``A`` shaped like ``v``) or matrix transitions."""
+    if A.dim() == v.dim():
+        return torch.addcmul(base, A, v, value=value)
+    return torch.add(base, torch.matmul(A, v.unsqueeze(-1)).squeeze(-1), alpha=value)
+
+
+# Quasi mode takes the transitions of the first sweep and keeps them while the residual falls at least this fast
+# per iteration. Its contraction comes from the neglected off-diagonal couplings, not from where the diagonals were
+# taken, so stale diagonals converge about as fast as fresh ones (a GRU with one-step chunks: at most one more
+# iteration; with longer chunks: none), and a sweep without them costs one cell call per slab instead of a fused
+# call or H probes. A slower step brings fresh ones back. Newton mode always refreshes (quadratic convergence).
+_KEEP_DIAGONAL_RATE = 0.5
+
+
 @dataclass
 class _Problem:
-    """One RNN evaluation, flattened to ``N = B*T`` independent rows for the parallel cell calls."""
+    """One RNN evaluation: the cell, its inputs as ``N = B*T`` independent rows, and the solver options."""
 
     cell: Cell
     cell_and_diagonal: CellAndDiagonal | None
@@ -136,35 +194,6 @@ class _Problem:
     def steps(self, h: Tensor) -> Tensor:
         return h.reshape(self.shape)
 
-    def value(self, h_prev: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor | None, float]:
-        """``cell`` at every step ``[B, T, H]``; the diagonal transitions when a fused function gives them; and the
-        scaled residual against ``h`` (``inf`` without ``h``).
-
-        Rows are independent, so on CPU they are processed in cache-sized blocks: the dozen elementwise passes of a
-        cell then run on cache-resident data instead of streaming ``[B*T, H]`` arrays through memory each time.
-        """
-        rows = self.rows(h_prev)
-        current = None if h is None else self.rows(h)
-        n_rows, H = rows.shape
-        block = max(1, _CPU_BLOCK_ELEMENTS // (H + self.x.shape[1])) if rows.device.type == "cpu" else n_rows
-        f_val = torch.empty_like(rows)
-        J = torch.empty_like(rows) if self.cell_and_diagonal is not None else None
-        err = rows.new_zeros(())
-        for start in range(0, n_rows, block):
-            part = slice(start, start + block)
-            if J is None:
-                f_part = _evaluate(self.cell, rows[part], self.x[part])
-            else:
-                f_part, J[part] = self._fused(rows[part], self.x[part])
-            f_val[part] = f_part
-            if current is not None:
-                err = torch.maximum(err, (f_part - current[part]).abs_().amax())
-        residual = math.inf
-        if current is not None:
-            value = float(err / (1 + torch.maximum(current.amax(), current.amin().neg())))
-            residual = value if math.isfinite(value) else math.inf
-        return self.steps(f_val), (None if J is None else self.steps(J)), residual
-
     def _fused(self, h_prev: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         out = self.cell_and_diagonal(h_prev, x)
         if not isinstance(out, tuple) or len(out) != 2:
@@ -173,34 +202,41 @@ class _Problem:
         _check_like(out[1], h_prev, "cell_and_diagonal(h_prev, x_t)[1]")
         return out
 
+    def value_and_transitions(self, h_prev: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``cell`` and its Jacobians (diagonals in quasi mode) at rows ``h_prev [n, H]``."""
+        if self.cell_and_diagonal is not None:
+            return self._fused(h_prev, x)
+        return _evaluate(self.cell, h_prev, x), _transition(self.cell, h_prev, x, self.diagonal)
+
     def transitions(self, h_prev: Tensor) -> Tensor:
         """Jacobians (or their diagonals) at ``h_prev``, ``[B, T, H(, H)]``."""
-        if self.cell_and_diagonal is not None:
-            return self.value(h_prev)[1]
-        J = _transition(self.cell, self.rows(h_prev), self.x, self.diagonal)
+        rows = self.rows(h_prev)
+        if self.cell_and_diagonal is None:
+            J = _transition(self.cell, rows, self.x, self.diagonal)
+        else:
+            block = max(1, _CPU_BLOCK_ELEMENTS // (rows.shape[1] + self.x.shape[1])) if rows.is_cpu else len(rows)
+            J = torch.cat(
+                [self._fused(rows[s : s + block], self.x[s : s + block])[1] for s in range(0, len(rows), block)]
+            )
         return J.reshape(*self.shape, *J.shape[2:])
 
     def solve(self, h0: Tensor) -> tuple[Tensor, DEERInfo]:
-        B, T, H = self.shape
-        h = h0.unsqueeze(1).expand(B, T, H).contiguous()  # initial guess, as in the reference
-        residual = math.inf
+        """Iterate to the fixed point from the initial guess ``h_t = h0`` (as the reference does)."""
+        chunks = _ChunkedSolve(self, h0)
+        residual, previous = math.inf, math.inf
         for iteration in range(self.max_iters + 1):
-            h_prev = _shift(h, h0)
-            f_val, J, residual = self.value(h_prev, h)
+            stalled = not math.isfinite(residual) or residual > _KEEP_DIAGONAL_RATE * previous
+            refresh = not self.diagonal or iteration == 0 or stalled
+            previous = residual
+            residual = chunks.sweep(refresh)
+            if residual <= self.tol and refresh and self.cell_and_diagonal is not None:
+                # The fused function only speeds things up: the answer must be the cell's own trajectory.
+                residual = chunks.sweep(refresh=False)
             if residual <= self.tol:
-                if self.cell_and_diagonal is not None:
-                    self._check_fused_value(h_prev, f_val)
-                return h, DEERInfo(iteration, residual)
+                return chunks.result(), DEERInfo(iteration, residual)
             if iteration == self.max_iters:
                 break
-            if J is None:
-                J = self.transitions(h_prev)
-            if self.diagonal:
-                offset = torch.addcmul(f_val, J, h_prev, value=-1)
-            else:
-                offset = f_val - torch.matmul(J, h_prev.unsqueeze(-1)).squeeze(-1)
-            h = linear_recurrence(J, fold_initial_state_(J, offset, h0))
-            torch.nan_to_num_(h, nan=0.0, posinf=_CLAMP, neginf=-_CLAMP)
+            chunks.advance()
         raise DEERConvergenceError(
             f"DEER did not converge in max_iters={self.max_iters} iterations (mode="
             f"{'quasi' if self.diagonal else 'newton'}): scaled residual {residual:.3g} > tol {self.tol:.3g}. "
@@ -208,11 +244,6 @@ class _Problem:
             self.max_iters,
             residual,
         )
-
-    def _check_fused_value(self, h_prev: Tensor, fused: Tensor) -> None:
-        # The fused function only speeds things up; the answer must be the cell's own fixed point.
-        if _Problem(self.cell, None, self.x, self.shape, self.diagonal, self.tol, 1).value(h_prev, fused)[2] > self.tol:
-            raise ValueError("cell_and_diagonal(h_prev, x_t)[0] disagrees with cell(h_prev, x_t)")
 
     def solve_adjoint(self, h_prev: Tensor, grad: Tensor) -> Tensor:
         """``lambda`` with ``lambda_t = g_t + J_{t+1}^T lambda_{t+1}`` (``lambda_T = g_T``), Jacobians at ``h_prev``.
@@ -243,6 +274,100 @@ class _Problem:
             self.max_iters,
             residual,
         )
+
+
+class _ChunkedSolve:
+    """The forward iteration of :meth:`_Problem.solve`, on chunks of consecutive steps (multiple shooting).
+
+    The sequence is cut into ``K`` chunks of ``C`` steps (:func:`_chunking`); slab ``c`` holds step ``c`` of every
+    chunk, ``B*K`` rows. The unknowns of the Newton iteration are the chunk start states ``s_k`` (``s_0 = h0``). A
+    sweep integrates every chunk exactly from its current start, one cell call per slab, which gives the chunk ends
+    ``e_k = Phi_k(s_k)``; the trajectory is consistent when ``s_{k+1} = e_k``. Linearising ``Phi_k`` gives the same
+    linear recurrence as DEER, over chunks instead of steps,
+
+        s_{k+1} = P_k s_k + (e_k - P_k s'_k),      P_k = J_{C-1,k} ... J_{0,k}   (diagonals in quasi mode)
+
+    solved by the parallel scan. With ``C = 1`` this is exactly DEER. Longer chunks trade depth for speed where it
+    pays (CPU): the cell then runs on cache-resident slabs, the steps inside a chunk are exact instead of iterated,
+    and a start error fades inside a chunk for any contractive cell, so few iterations are needed. The guarantees
+    are DEER's: every iteration makes at least one more chunk exact (at most ``K <= T`` iterations), and the answer
+    is accepted on the residual of the returned trajectory, which is zero inside chunks by construction (every
+    state there *is* ``cell`` of its predecessor) and ``|e_k - s_{k+1}|`` at the chunk boundaries, where the
+    trajectory takes the start ``s_{k+1}`` as the last state of chunk ``k``.
+    """
+
+    def __init__(self, problem: _Problem, h0: Tensor) -> None:
+        B, T, H = problem.shape
+        I = problem.x.shape[-1]  # noqa: E741
+        self.problem, self.h0, self.T = problem, h0, T
+        self.C, self.K = _chunking(B, T, H, I, h0.device)
+        self.x = _to_chunks(problem.x.view(B, T, I), self.C, self.K)  # [B, K, C, I]
+        self.starts = h0.unsqueeze(1).repeat(1, self.K, 1)  # [B, K, H]; the reference's initial guess h_t = h0
+        self.P: Tensor | None = None  # chunk transitions [B, K, H(, H)]
+        self.states: list[Tensor] = []  # the last sweep: one [B*K, H] slab per step
+        # The last chunk ends with padding when C does not divide T: its steps from `real_steps` on lie past T.
+        self.real_steps = T - (self.K - 1) * self.C
+        self.fused_checked = False
+
+    def sweep(self, refresh: bool) -> float:
+        """Integrate every chunk from its start; returns the scaled residual of the resulting trajectory.
+
+        ``refresh``: also accumulate the chunk transitions ``P`` (fused diagonals, probes or full Jacobians along
+        the way); otherwise the last ones are kept and only ``cell`` runs.
+        """
+        problem, (B, K, H) = self.problem, self.starts.shape
+        prev, sizes, self.states, P = self.starts.view(B * K, H), [], [], None
+        for c in range(self.C):
+            x = self.x[:, :, c].reshape(B * K, -1)
+            if refresh:
+                value, J = problem.value_and_transitions(prev, x)
+                if problem.cell_and_diagonal is not None and not self.fused_checked:
+                    self._check_fused(value, prev, x)
+                P = J if c == 0 else (J * P if problem.diagonal else torch.matmul(J, P))
+            else:
+                value = _evaluate(problem.cell, prev, x)
+            self.states.append(value)
+            if c < self.C - 1:  # the last slab is replaced by the next starts, measured below
+                sizes += torch.aminmax(value if c < self.real_steps else value.view(B, K, H)[:, :-1])
+            prev = value
+        if refresh:
+            self.P = P.view(B, K, *P.shape[1:])
+        ends = self.states[-1].view(B, K, H)
+        last = self._last_slab(ends)
+        sizes += torch.aminmax(last if self.real_steps == self.C else last[:, :-1])
+        err = (ends[:, :-1] - self.starts[:, 1:]).abs().max() if K > 1 else ends.new_zeros(())
+        scaled = float(err / (1 + torch.stack(sizes).abs().max()))
+        return scaled if math.isfinite(scaled) else math.inf
+
+    def _last_slab(self, ends: Tensor) -> Tensor:
+        """The trajectory's last step of every chunk, ``[B, K, H]``: the next chunk's start; the last chunk's end."""
+        return torch.cat([self.starts[:, 1:], ends[:, -1:]], dim=1)
+
+    def _check_fused(self, fused: Tensor, h_prev: Tensor, x: Tensor) -> None:
+        # A wrong fused value only costs iterations (answers are accepted on `cell` alone), but it is a bug worth
+        # reporting: compare once, on the first slab.
+        self.fused_checked = True
+        value = _evaluate(self.problem.cell, h_prev, x)
+        if (fused - value).abs().max() > self.problem.tol * (1 + value.abs().max()):
+            raise ValueError("cell_and_diagonal(h_prev, x_t)[0] disagrees with cell(h_prev, x_t)")
+
+    def advance(self) -> None:
+        """Newton step on the chunk starts: ``s_{k+1} = P_k s_k + (e_k - P_k s'_k)`` by the parallel scan."""
+        if self.K == 1:
+            return
+        ends, P = self.states[-1].view(self.starts.shape), self.P[:, :-1]
+        new = linear_recurrence(P, _affine(ends[:, :-1], P, self.starts[:, :-1], value=-1.0), self.h0)
+        # Starts are kept finite (as the reference does for RNNs): a chunk that overflows still leaves the exact
+        # chunks before it intact, so the "one more exact chunk per iteration" guarantee survives.
+        torch.nan_to_num_(new, nan=0.0, posinf=_CLAMP, neginf=-_CLAMP)
+        self.starts = torch.cat([self.h0.unsqueeze(1), new], dim=1)
+
+    def result(self) -> Tensor:
+        """The trajectory of the last sweep, ``[B, T, H]``."""
+        B, K, H = self.starts.shape
+        slabs = [state.view(B, K, H) for state in self.states[:-1]]
+        slabs.append(self._last_slab(self.states[-1].view(B, K, H)))
+        return torch.stack(slabs, dim=2).view(B, K * self.C, H)[:, : self.T].contiguous()
 
 
 class _ImplicitAdjoint(torch.autograd.Function):
@@ -309,13 +434,14 @@ def deer_rnn(
     Args:
         cell: ``cell(h_prev [N, H], x_t [N, I]) -> h_t [N, H]``, any differentiable, deterministic torch function
             (an ``nn.Module`` or a closure) that treats batch rows independently: DEER calls it on many (sequence,
-            step) rows at once (all ``B*T``, or cache-sized blocks of them on CPU) and under ``torch.func.vmap`` /
+            step) rows at once (all ``B*T``, or on CPU one step of every chunk) and under ``torch.func.vmap`` /
             ``jvp`` for Jacobians (no in-place updates of captured state, no dropout, no batch statistics).
         inputs: ``[B, T, I]``. Precomputing input projections outside the cell makes every iteration cheaper.
         h0: initial state ``[B, H]`` (it fixes the state size ``H``).
         mode: ``"newton"`` (full Jacobians, quadratic convergence, ``O(T H^2)`` memory and ``O(T H^3)`` work per
             iteration) or ``"quasi"`` (Jacobian diagonals: elementwise scan, ``O(T H)`` memory, more iterations).
-        max_iters: the most linearise-and-scan steps. ``T`` steps always suffice in exact arithmetic.
+        max_iters: the most linearise-and-scan steps. ``T`` steps always suffice in exact arithmetic (on CPU, the
+            number of chunks: at most ``T``).
         tol: accepted scaled residual ``max_t |h_t - cell(h_{t-1}, x_t)| / (1 + max_t |h_t|)``; default per dtype
             (:data:`DEFAULT_TOL`: 1e-10 float64, 1e-5 float32). The backward adjoint solve uses the same ``tol``
             relative to the adjoint's size.
@@ -323,7 +449,7 @@ def deer_rnn(
         cell_and_diagonal: ``mode="quasi"`` only: an optional fused ``(h_prev, x_t) -> (cell(h_prev, x_t),
             diag(d cell / d h_prev))``, e.g. :func:`gru_cell_and_diagonal`. Without it the diagonal costs ``H``
             forward-mode probes of the cell (see :func:`_transition`); with it, about one cell call. The diagonal
-            only steers the iteration: the returned trajectory is checked against ``cell`` itself and gradients
+            only steers the iteration: the returned trajectory is computed and checked with ``cell`` itself, gradients
             use ``cell``'s exact VJP, so an inexact diagonal can only cost iterations, never accuracy.
 
     Returns:
