@@ -189,7 +189,9 @@ def evaluate_lengths(
         from .modeling import hwfa  # noqa: F401  (registers the attention implementation a saved HWFA llama names)
 
         probe = AutoModelForCausalLM.from_pretrained(model_path)
-        methods = [m for m in METHODS if m != "hwfa_rerope" or is_hwfa_model(probe)]
+        # on an HWFA model ReRoPE patches only the full layers: that is hwfa_rerope, listed once under that name
+        skip = "rerope" if is_hwfa_model(probe) else "hwfa_rerope"
+        methods = [m for m in METHODS if m != skip]
         del probe
     methods = list(methods)
     results = []

@@ -92,7 +92,7 @@ def test_hwfa_models_get_the_hwfa_rerope_method(tmp_path):
         progress=False,
         methods=None,
     )
-    assert "hwfa_rerope" in {r.method for r in results}
+    assert "hwfa_rerope" in {r.method for r in results} and "rerope" not in {r.method for r in results}
     # a fresh process that never imported hf_su.modeling.hwfa (e.g. evaluating a model trained elsewhere) loads it too
     code = (
         "from hf_su.eval_length import load_for_method; "
