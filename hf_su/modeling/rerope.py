@@ -26,7 +26,8 @@ import re
 import sys
 import weakref
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -77,6 +78,8 @@ class _LayerState:
     rope: _Rope
     previous: Callable[..., tuple[Tensor, Tensor | None]]
     identity_at_zero: bool  # rotating to position 0 is the identity (ReRoPE's far keys can stay raw)
+    decoding: _DecodingState
+    layer_idx: int
 
 
 @dataclass
@@ -84,6 +87,16 @@ class _ModelState:
     settings: ReRoPESettings
     previous_implementation: str
     hooks: list[Any]
+
+
+@dataclass
+class _DecodingState:
+    """Shared by a patched model and its layers: the KV cache of the forward pass in progress (set by the model's
+    forward pre-hook, None outside a forward or when the cache was not passed by keyword) and, per cache, the layers'
+    rotated far keys (:class:`_RotatedFarKeys`), dropped with the cache."""
+
+    cache: Any = None
+    far_keys: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -146,13 +159,15 @@ def patch_rerope(
     name = _register_implementation(previous)
 
     ropes: dict[str, _Rope] = {}
-    states = {module: _layer_state(module, ropes, rotary, settings, previous) for module in attention_modules}
+    decoding = _DecodingState()
+    states = {module: _layer_state(module, ropes, rotary, settings, previous, decoding) for module in attention_modules}
     if not any(s.apply_rerope for s in states.values()):
         raise ValueError("config.layer_types has no 'full_attention' layer: there is no layer to apply ReRoPE to")
 
     hooks = [
         rotary.register_forward_hook(_unrotated_rotary_output),
-        model.register_forward_pre_hook(_refuse_static_cache, with_kwargs=True),
+        model.register_forward_pre_hook(partial(_before_forward, decoding), with_kwargs=True),
+        model.register_forward_hook(partial(_after_forward, decoding), always_call=True),
     ]
     for module, layer_state in states.items():
         setattr(module, _STATE_ATTRIBUTE, layer_state)
@@ -287,7 +302,12 @@ def _previous_attention_function(module: nn.Module, previous: str) -> Callable[.
 
 
 def _layer_state(
-    module: nn.Module, ropes: dict[str, _Rope], rotary: nn.Module, settings: ReRoPESettings, previous: str
+    module: nn.Module,
+    ropes: dict[str, _Rope],
+    rotary: nn.Module,
+    settings: ReRoPESettings,
+    previous: str,
+    decoding: _DecodingState,
 ) -> _LayerState:
     layer_types = getattr(module.config, "layer_types", None)
     layer_type = layer_types[module.layer_idx] if layer_types else "full_attention"
@@ -305,7 +325,8 @@ def _layer_state(
         ropes[layer_type] = _Rope(rotary, layer_type if takes_layer_type else None)
     rope = ropes[layer_type]
     identity_at_zero = _check_rotation_convention(module, rope)
-    return _LayerState(settings, apply_rerope, rope, _previous_attention_function(module, previous), identity_at_zero)
+    previous_fn = _previous_attention_function(module, previous)
+    return _LayerState(settings, apply_rerope, rope, previous_fn, identity_at_zero, decoding, module.layer_idx)
 
 
 def _check_rotation_convention(module: nn.Module, rope: _Rope) -> bool:
@@ -336,15 +357,24 @@ def _unrotated_rotary_output(module: nn.Module, args: Any, output: tuple[Tensor,
     return torch.ones_like(cos), torch.zeros_like(sin)
 
 
-def _refuse_static_cache(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+def _before_forward(decoding: _DecodingState, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
     from transformers.cache_utils import StaticCache
 
-    for key in ("past_key_values", "cache"):
-        if isinstance(kwargs.get(key), StaticCache):
-            raise ValueError(
-                "ReRoPE supports DynamicCache (the default) but not StaticCache: a static cache does not tell the "
-                "attention where the cached tokens end"
-            )
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if isinstance(cache, StaticCache):
+        raise ValueError(
+            "ReRoPE supports DynamicCache (the default) but not StaticCache: a static cache does not tell the "
+            "attention where the cached tokens end"
+        )
+    # the cache layers still hold the keys of before this step: check which rotated far keys still match them
+    decoding.cache = cache
+    for layer_idx, rotated in (decoding.far_keys.get(cache, {}) if cache is not None else {}).items():
+        layers = getattr(cache, "layers", [])
+        rotated.check(layers[layer_idx] if layer_idx < len(layers) else None)
+
+
+def _after_forward(decoding: _DecodingState, module: nn.Module, args: Any, output: Any) -> None:
+    decoding.cache = None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -463,11 +493,11 @@ def rerope_attention_forward(
     def far_keys(keys: Tensor) -> Tensor:
         return keys if tables.k_far is None else apply_rotary(keys, *tables.k_far)
 
-    if q_len == 1:  # decoding: near and far query as two rows of one kernel call
+    if q_len == 1:  # decoding: near and far query as two rows
         queries = apply_rotary(query.expand(-1, -1, 2, -1), *tables.q)
         k_near = apply_rotary(key[:, :, start:], *tables.k)
-        out = two_part_attention_decode(queries, k_near, far_keys(key[:, :, :end]), value, window=w, scale=scale,
-                                        key_valid=tables.valid, mask=tables.decode_mask)  # fmt: skip
+        out = two_part_attention_decode(queries, k_near, _decoding_far_keys(state, tables, key, end), value, window=w,
+                                        scale=scale, key_valid=tables.valid, mask=tables.decode_mask)  # fmt: skip
         return out.transpose(1, 2), None
     q_near, q_far = apply_rotary(query, *tables.q), apply_rotary(query, *tables.q_far)
     if q_len == kv_len:
@@ -491,6 +521,18 @@ class _Tables:
     log_n: Tensor | None = None  # [B, 1, q, 1]
     valid: Tensor | None = None  # [B, kv] bool, None when no key is padding
     decode_mask: tuple[Tensor | None, Tensor | None, Tensor | None] | None = None  # attention.decode_mask's
+    # decoding with rotated far keys: their positions [B, end], the position of cache key 0 [B], and cos/sin tables
+    # made on demand for the keys from a given index on (usually just the one key that became far this step)
+    far_key_positions: Tensor | None = None
+    first_key_position: Tensor | None = None
+    rope: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
+    _far_key_tables: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def far_key_table(self, start: int) -> tuple[Tensor, Tensor]:
+        """cos/sin for the far keys ``[start, end)`` of a decoding step, made once for all layers."""
+        if start not in self._far_key_tables:
+            self._far_key_tables[start] = self.rope(self.far_key_positions[:, start:])
+        return self._far_key_tables[start]
 
 
 class _Rope:
@@ -544,15 +586,99 @@ class _Rope:
         far_keys = far_key_positions(key_positions[:, :end], settings.leaky)
         if far_keys is None and not state.identity_at_zero:
             far_keys = torch.zeros_like(key_positions[:, :end])  # rope types that scale cos/sin scale raw keys too
-        if far_keys is not None:
+        if far_keys is not None and q_len == 1:
+            tables.far_key_positions, tables.first_key_position = far_keys, key_positions[:, 0]
+            tables.rope = partial(self, query)
+        elif far_keys is not None:
             tables.k_far = self(query, far_keys)
         if settings.log_scale_base is not None:
             tables.log_n = log_n_scale(positions, settings.log_scale_base).to(query.dtype)[:, None, :, None]
         if q_len == 1:
             tables.q = tuple(torch.cat(pair, dim=1) for pair in zip(tables.q, tables.q_far))  # rows: near, far
-            if query.device.type == "cpu":
+            if query.device.type == "cpu" and query.dtype not in (torch.float32, torch.float64):  # kernel path
                 tables.decode_mask = decode_mask(kv_len, end, tables.valid, query.dtype)
         return tables
+
+
+def _decoding_far_keys(state: _LayerState, tables: _Tables, key: Tensor, end: int) -> Tensor:
+    """The far keys ``[0, end)`` of a decoding step: raw (ReRoPE), or rotated to their far positions, reusing earlier
+    steps' rotations (:class:`_RotatedFarKeys`) when the forward pass got its cache by keyword."""
+    if tables.far_key_positions is None:
+        return key[:, :, :end]
+    cache = state.decoding.cache
+    if cache is None or end == 0 or key.requires_grad:
+        return apply_rotary(key[:, :, :end], *tables.far_key_table(0))
+    per_layer = state.decoding.far_keys.setdefault(cache, {})
+    rotated = per_layer.get(state.layer_idx)
+    if rotated is None or rotated.state is not state:
+        rotated = per_layer[state.layer_idx] = _RotatedFarKeys(state)
+    return rotated.update(key, end, tables)
+
+
+class _RotatedFarKeys:
+    """One layer's far keys, rotated to their Leaky ReRoPE positions ``j / k``, kept across decoding steps.
+
+    Those positions do not depend on the query, so a key rotated once stays valid while the cache holds the same raw
+    key at the same position: each step then rotates only the key that became far, instead of every far key of every
+    layer (the cost that dominated Leaky ReRoPE decoding). Validity is checked, never assumed: before a forward pass
+    (:meth:`check`) the cache layer's keys must be the tensor the rotations were made from, or a view of its first
+    tokens (``crop``), with its storage unwritten since (same version counter); during the step (:meth:`update`) the
+    cache must have grown by the one new key and its first key must sit at the same position. Anything else (beam
+    reordering, ``reset``, other cache types, a forward of the inner model without the hooks) rotates from scratch.
+    """
+
+    def __init__(self, state: _LayerState):
+        self.state = state
+        self.source: Tensor | None = None  # the cache's keys after the step that made the rotations
+        self.version = -1
+        self.first_position: Tensor | None = None
+        self.buffer: Tensor | None = None  # [B, Hkv, capacity, D]; the first `length` keys are rotated
+        self.length = 0
+        self.reusable, self.cached_length = 0, -1  # set by check() for the forward pass in progress
+
+    def check(self, layer: Any) -> None:
+        """Before a forward pass: how many rotated keys still match the cache layer's (not yet updated) keys."""
+        from transformers.cache_utils import DynamicLayer
+
+        self.reusable, self.cached_length = 0, -1
+        keys = getattr(layer, "keys", None) if type(layer) is DynamicLayer else None
+        source = self.source
+        if keys is None or source is None or source._version != self.version or not _is_prefix_view(keys, source):
+            return
+        self.reusable, self.cached_length = min(self.length, keys.shape[2]), keys.shape[2]
+
+    def update(self, key: Tensor, end: int, tables: _Tables) -> Tensor:
+        """The rotated far keys ``[0, end)`` of ``key`` (the updated cache), rotating only those not reusable."""
+        first = tables.first_key_position
+        grew_by_one = key.shape[2] == self.cached_length + 1
+        reuse = min(self.reusable, end) if grew_by_one and torch.equal(first, self.first_position) else 0
+        if reuse == 0 or self.buffer.shape[2] < end:
+            buffer = key.new_empty(*key.shape[:2], end + end // 4 + 64, key.shape[3])  # room to append for a while
+            if reuse:
+                buffer[:, :, :reuse] = self.buffer[:, :, :reuse]
+            self.buffer = buffer
+        if end > reuse:
+            self.buffer[:, :, reuse:end] = apply_rotary(key[:, :, reuse:end], *tables.far_key_table(reuse))
+        self.source, self.version, self.first_position, self.length = key, key._version, first, end
+        self.reusable, self.cached_length = 0, -1
+        return self.buffer[:, :, :end]
+
+
+def _is_prefix_view(keys: Tensor, source: Tensor) -> bool:
+    """True if ``keys`` is ``source`` or a view of its first tokens (what ``DynamicCache.crop`` leaves behind)."""
+    if keys is source:
+        return True
+    # `source` is alive, so its storage cannot have been freed and reused: the same address is the same storage
+    return (
+        keys.device == source.device
+        and keys.dtype == source.dtype
+        and keys.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
+        and keys.storage_offset() == source.storage_offset()
+        and keys.stride() == source.stride()
+        and keys.shape[:2] == source.shape[:2]
+        and keys.shape[3:] == source.shape[3:]
+        and keys.shape[2] <= source.shape[2]
+    )
 
 
 def _prefill(q_near, k_near, q_far, k_far, value, valid: Tensor | None, window: int, scale: float) -> Tensor:
