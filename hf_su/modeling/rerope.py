@@ -93,10 +93,10 @@ class _ModelState:
 class _DecodingState:
     """Shared by a patched model and its layers: the KV cache of the forward pass in progress (set by the model's
     forward pre-hook, None outside a forward or when the cache was not passed by keyword) and, per cache, the layers'
-    rotated far keys (:class:`_RotatedFarKeys`), dropped with the cache."""
+    rotated keys (:class:`_RotatedKeys`), dropped with the cache."""
 
     cache: Any = None
-    far_keys: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+    rotated: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -366,9 +366,9 @@ def _before_forward(decoding: _DecodingState, module: nn.Module, args: Any, kwar
             "ReRoPE supports DynamicCache (the default) but not StaticCache: a static cache does not tell the "
             "attention where the cached tokens end"
         )
-    # the cache layers still hold the keys of before this step: check which rotated far keys still match them
+    # the cache layers still hold the keys of before this step: check which rotated keys still match them
     decoding.cache = cache
-    for layer_idx, rotated in (decoding.far_keys.get(cache, {}) if cache is not None else {}).items():
+    for (layer_idx, _), rotated in (decoding.rotated.get(cache, {}) if cache is not None else {}).items():
         layers = getattr(cache, "layers", [])
         rotated.check(layers[layer_idx] if layer_idx < len(layers) else None)
 
@@ -495,9 +495,14 @@ def rerope_attention_forward(
 
     if q_len == 1:  # decoding: near and far query as two rows
         queries = apply_rotary(query.expand(-1, -1, 2, -1), *tables.q)
-        k_near = apply_rotary(key[:, :, start:], *tables.k)
-        out = two_part_attention_decode(queries, k_near, _decoding_far_keys(state, tables, key, end), value, window=w,
-                                        scale=scale, key_valid=tables.valid, mask=tables.decode_mask)  # fmt: skip
+        k_near = _decoding_keys(state, tables, key, "near", start, kv_len)
+        k_far = (
+            key[:, :, :end]
+            if tables.key_positions["far"] is None
+            else _decoding_keys(state, tables, key, "far", 0, end)
+        )
+        out = two_part_attention_decode(queries, k_near, k_far, value, window=w, scale=scale, key_valid=tables.valid,
+                                        mask=tables.decode_mask)  # fmt: skip
         return out.transpose(1, 2), None
     q_near, q_far = apply_rotary(query, *tables.q), apply_rotary(query, *tables.q_far)
     if q_len == kv_len:
@@ -515,24 +520,25 @@ class _Tables:
     ``(cos, sin)`` for queries and keys (near and far), the log-n scale and the key padding."""
 
     q: tuple[Tensor, Tensor]  # decoding (one query): rows near, far stacked
-    k: tuple[Tensor, Tensor]  # all keys, except in ReRoPE layers continuing a cache: the near range only
+    k: tuple[Tensor, Tensor] | None  # all keys, except in ReRoPE layers: the near range only (None when decoding)
     q_far: tuple[Tensor, Tensor] | None = None
     k_far: tuple[Tensor, Tensor] | None = None  # the far range only; None: far keys stay raw (ReRoPE)
     log_n: Tensor | None = None  # [B, 1, q, 1]
     valid: Tensor | None = None  # [B, kv] bool, None when no key is padding
     decode_mask: tuple[Tensor | None, Tensor | None, Tensor | None] | None = None  # attention.decode_mask's
-    # decoding with rotated far keys: their positions [B, end], the position of cache key 0 [B], and cos/sin tables
-    # made on demand for the keys from a given index on (usually just the one key that became far this step)
-    far_key_positions: Tensor | None = None
+    # decoding: the positions near keys ([B, kv]) and far keys ([B, end]; None: raw keys) are rotated to, the position
+    # of cache key 0 [B], and key cos/sin tables made on demand (mostly for the one key that became near / far)
+    key_positions: dict[str, Tensor | None] = field(default_factory=dict)
     first_key_position: Tensor | None = None
     rope: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
-    _far_key_tables: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    _key_tables: dict[tuple[str, int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
 
-    def far_key_table(self, start: int) -> tuple[Tensor, Tensor]:
-        """cos/sin for the far keys ``[start, end)`` of a decoding step, made once for all layers."""
-        if start not in self._far_key_tables:
-            self._far_key_tables[start] = self.rope(self.far_key_positions[:, start:])
-        return self._far_key_tables[start]
+    def key_table(self, kind: str, start: int, end: int) -> tuple[Tensor, Tensor]:
+        """cos/sin for the ``kind`` ("near" / "far") keys ``[start, end)`` of a decoding step, made once for all
+        layers."""
+        if (kind, start, end) not in self._key_tables:
+            self._key_tables[kind, start, end] = self.rope(self.key_positions[kind][:, start:end])
+        return self._key_tables[kind, start, end]
 
 
 class _Rope:
@@ -580,51 +586,52 @@ class _Rope:
         _check_causal_mask(attention_mask, valid, q_len, kv_len)
         _check_contiguous(positions, None if valid is None else valid[:, -q_len:])
         start, end = (0, kv_len) if q_len == kv_len else near_far_ranges(q_len, kv_len, settings.window)
-        # keys before `start` are far from every query and keys from `end` on are near to every query
-        tables = _Tables(q=self(query, positions), k=self(query, key_positions[:, start:]), valid=valid)
-        tables.q_far = self(query, far_query_positions(positions, settings.window, settings.leaky))
+        far_queries = far_query_positions(positions, settings.window, settings.leaky)
         far_keys = far_key_positions(key_positions[:, :end], settings.leaky)
         if far_keys is None and not state.identity_at_zero:
             far_keys = torch.zeros_like(key_positions[:, :end])  # rope types that scale cos/sin scale raw keys too
-        if far_keys is not None and q_len == 1:
-            tables.far_key_positions, tables.first_key_position = far_keys, key_positions[:, 0]
-            tables.rope = partial(self, query)
-        elif far_keys is not None:
-            tables.k_far = self(query, far_keys)
+        if q_len == 1:  # decoding: one table for the near and far query rows, key tables on demand
+            tables = _Tables(q=self(query, torch.cat([positions.to(far_queries.dtype), far_queries], dim=1)), k=None)
+            tables.key_positions = {"near": key_positions, "far": far_keys}
+            tables.first_key_position, tables.rope = key_positions[:, 0], partial(self, query)
+            if query.device.type == "cpu" and query.dtype not in (torch.float32, torch.float64):  # kernel path
+                tables.decode_mask = decode_mask(kv_len, end, valid, query.dtype)
+        else:
+            # keys before `start` are far from every query and keys from `end` on are near to every query
+            tables = _Tables(q=self(query, positions), k=self(query, key_positions[:, start:]))
+            tables.q_far = self(query, far_queries)
+            tables.k_far = None if far_keys is None else self(query, far_keys)
+        tables.valid = valid
         if settings.log_scale_base is not None:
             tables.log_n = log_n_scale(positions, settings.log_scale_base).to(query.dtype)[:, None, :, None]
-        if q_len == 1:
-            tables.q = tuple(torch.cat(pair, dim=1) for pair in zip(tables.q, tables.q_far))  # rows: near, far
-            if query.device.type == "cpu" and query.dtype not in (torch.float32, torch.float64):  # kernel path
-                tables.decode_mask = decode_mask(kv_len, end, tables.valid, query.dtype)
         return tables
 
 
-def _decoding_far_keys(state: _LayerState, tables: _Tables, key: Tensor, end: int) -> Tensor:
-    """The far keys ``[0, end)`` of a decoding step: raw (ReRoPE), or rotated to their far positions, reusing earlier
-    steps' rotations (:class:`_RotatedFarKeys`) when the forward pass got its cache by keyword."""
-    if tables.far_key_positions is None:
-        return key[:, :, :end]
+def _decoding_keys(state: _LayerState, tables: _Tables, key: Tensor, kind: str, start: int, end: int) -> Tensor:
+    """Keys ``[start, end)`` of a decoding step rotated to their ``kind`` ("near" / "far") positions, reusing earlier
+    steps' rotations (:class:`_RotatedKeys`) when the forward pass got its cache by keyword."""
     cache = state.decoding.cache
-    if cache is None or end == 0 or key.requires_grad:
-        return apply_rotary(key[:, :, :end], *tables.far_key_table(0))
-    per_layer = state.decoding.far_keys.setdefault(cache, {})
-    rotated = per_layer.get(state.layer_idx)
+    if cache is None or end == start or key.requires_grad:
+        return apply_rotary(key[:, :, start:end], *tables.key_table(kind, start, end))
+    per_layer = state.decoding.rotated.setdefault(cache, {})
+    rotated = per_layer.get((state.layer_idx, kind))
     if rotated is None or rotated.state is not state:
-        rotated = per_layer[state.layer_idx] = _RotatedFarKeys(state)
-    return rotated.update(key, end, tables)
+        rotated = per_layer[state.layer_idx, kind] = _RotatedKeys(state)
+    return rotated.update(key, start, end, tables, kind)
 
 
-class _RotatedFarKeys:
-    """One layer's far keys, rotated to their Leaky ReRoPE positions ``j / k``, kept across decoding steps.
+class _RotatedKeys:
+    """One layer's cached keys rotated to their near (RoPE ``j``) or far (Leaky ReRoPE ``j / k``) positions, kept
+    across decoding steps.
 
     Those positions do not depend on the query, so a key rotated once stays valid while the cache holds the same raw
-    key at the same position: each step then rotates only the key that became far, instead of every far key of every
-    layer (the cost that dominated Leaky ReRoPE decoding). Validity is checked, never assumed: before a forward pass
-    (:meth:`check`) the cache layer's keys must be the tensor the rotations were made from, or a view of its first
-    tokens (``crop``), with its storage unwritten since (same version counter); during the step (:meth:`update`) the
-    cache must have grown by the one new key and its first key must sit at the same position. Anything else (beam
-    reordering, ``reset``, other cache types, a forward of the inner model without the hooks) rotates from scratch.
+    key at the same position: each step then rotates only the key that became near / far, instead of all ``w`` near
+    keys (and, for Leaky ReRoPE, all far keys) of every layer, which dominated decoding time. Validity is checked,
+    never assumed: before a forward pass (:meth:`check`) the cache layer's keys must be the tensor the rotations were
+    made from, or a view of its first tokens (``crop``), with the storage unwritten since (same version counter);
+    during the step (:meth:`update`) the cache must have grown by the one new key and its first key must sit at the
+    same position. Anything else (beam reordering, ``reset``, other cache types, a forward of the inner model
+    without the hooks) rotates from scratch.
     """
 
     def __init__(self, state: _LayerState):
@@ -632,12 +639,13 @@ class _RotatedFarKeys:
         self.source: Tensor | None = None  # the cache's keys after the step that made the rotations
         self.version = -1
         self.first_position: Tensor | None = None
-        self.buffer: Tensor | None = None  # [B, Hkv, capacity, D]; the first `length` keys are rotated
-        self.length = 0
+        self.buffer: Tensor | None = None  # [B, Hkv, capacity, D]: keys [offset, offset + length) rotated
+        self.offset = self.length = 0
         self.reusable, self.cached_length = 0, -1  # set by check() for the forward pass in progress
 
     def check(self, layer: Any) -> None:
-        """Before a forward pass: how many rotated keys still match the cache layer's (not yet updated) keys."""
+        """Before a forward pass: up to which key the rotations still match the cache layer's (not yet updated)
+        keys."""
         from transformers.cache_utils import DynamicLayer
 
         self.reusable, self.cached_length = 0, -1
@@ -645,23 +653,27 @@ class _RotatedFarKeys:
         source = self.source
         if keys is None or source is None or source._version != self.version or not _is_prefix_view(keys, source):
             return
-        self.reusable, self.cached_length = min(self.length, keys.shape[2]), keys.shape[2]
+        self.reusable, self.cached_length = min(self.offset + self.length, keys.shape[2]), keys.shape[2]
 
-    def update(self, key: Tensor, end: int, tables: _Tables) -> Tensor:
-        """The rotated far keys ``[0, end)`` of ``key`` (the updated cache), rotating only those not reusable."""
+    def update(self, key: Tensor, start: int, end: int, tables: _Tables, kind: str) -> Tensor:
+        """The rotated keys ``[start, end)`` of ``key`` (the updated cache), rotating only those not kept."""
         first = tables.first_key_position
-        grew_by_one = key.shape[2] == self.cached_length + 1
-        reuse = min(self.reusable, end) if grew_by_one and torch.equal(first, self.first_position) else 0
-        if reuse == 0 or self.buffer.shape[2] < end:
-            buffer = key.new_empty(*key.shape[:2], end + end // 4 + 64, key.shape[3])  # room to append for a while
-            if reuse:
-                buffer[:, :, :reuse] = self.buffer[:, :, :reuse]
-            self.buffer = buffer
-        if end > reuse:
-            self.buffer[:, :, reuse:end] = apply_rotary(key[:, :, reuse:end], *tables.far_key_table(reuse))
-        self.source, self.version, self.first_position, self.length = key, key._version, first, end
-        self.reusable, self.cached_length = 0, -1
-        return self.buffer[:, :, :end]
+        grew_by_one = key.shape[2] == self.cached_length + 1 and torch.equal(first, self.first_position)
+        kept_end = self.reusable if grew_by_one and self.offset <= start < self.reusable else start
+        kept_end = min(kept_end, end)
+        if end - self.offset > (0 if self.buffer is None else self.buffer.shape[2]) or kept_end == start:
+            # (re)allocate with room to append for a while; keys before `start` are no longer needed
+            size = end - start
+            buffer = key.new_empty(*key.shape[:2], size + size // 4 + 64, key.shape[3])
+            if kept_end > start:
+                buffer[:, :, : kept_end - start] = self.buffer[:, :, start - self.offset : kept_end - self.offset]
+            self.buffer, self.offset = buffer, start
+        if end > kept_end:
+            rotated = apply_rotary(key[:, :, kept_end:end], *tables.key_table(kind, kept_end, end))
+            self.buffer[:, :, kept_end - self.offset : end - self.offset] = rotated
+        self.source, self.version, self.first_position = key, key._version, first
+        self.length, self.reusable, self.cached_length = end - self.offset, 0, -1
+        return self.buffer[:, :, start - self.offset : end - self.offset]
 
 
 def _is_prefix_view(keys: Tensor, source: Tensor) -> bool:
