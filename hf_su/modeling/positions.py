@@ -84,6 +84,29 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((_rotate(x_rot, cos, sin), x_pass), dim=-1)
 
 
+def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor, dim: int) -> torch.Tensor:
+    """The rotations of :func:`apply_rotary` as ``[..., n, dim, dim]`` matrices: ``x @ M == apply_rotary(x)`` up to
+    rounding, for a head dimension ``dim >= R`` (features beyond ``R`` pass through).
+
+    Rotating a handful of rows (a decoding step's query and newest keys) is then one small matmul instead of five
+    elementwise kernels, whose launch overhead dominates at that size.
+    """
+    rot = cos.shape[-1]
+    if rot > dim or rot % 2:
+        raise ValueError(f"rotary dimension {rot} does not fit head dimension {dim}")
+    if rot < dim:
+        cos = torch.cat([cos, cos.new_ones(*cos.shape[:-1], dim - rot)], dim=-1)
+        sin = torch.cat([sin, sin.new_zeros(*sin.shape[:-1], dim - rot)], dim=-1)
+    half = rot // 2
+    idx = torch.arange(half, device=cos.device)
+    # out_o = x_o cos_o + x_partner(o) sign(o) sin_o with the rotate-half partner o +- half
+    partner = torch.zeros(dim, dim, dtype=cos.dtype, device=cos.device)
+    partner[idx + half, idx] = -1
+    partner[idx, idx + half] = 1
+    eye = torch.eye(dim, dtype=cos.dtype, device=cos.device)
+    return eye * cos.unsqueeze(-2) + partner * sin.unsqueeze(-2)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # HF's (x * cos) + (rotate_half(x) * sin) with the very same roundings (negation is exact and a + (-b) == a - b), but
     # without materialising rotate_half(x): one temporary instead of three, and about 1.5x faster

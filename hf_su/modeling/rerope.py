@@ -40,7 +40,14 @@ from .attention import (
     two_part_attention_decode,
     two_part_attention_dense,
 )
-from .positions import apply_rotary, check_rerope_settings, far_key_positions, far_query_positions, log_n_scale
+from .positions import (
+    apply_rotary,
+    check_rerope_settings,
+    far_key_positions,
+    far_query_positions,
+    log_n_scale,
+    rotation_matrices,
+)
 
 Tensor = torch.Tensor
 
@@ -486,24 +493,22 @@ def rerope_attention_forward(
     q_len, kv_len = query.shape[2], key.shape[2]
     w = state.settings.window
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    start, end = near_far_ranges(q_len, kv_len, w)
+    if q_len == 1:  # decoding: near and far query as two rows [B, H, 2, D], scaled (log-n and score scale)
+        b, h, _, d = query.shape
+        queries = torch.matmul(query, tables.query_rotation(scale)).view(b, h, 2, d)
+        k_near = _decoding_keys(state, tables, key, "near", start, kv_len)
+        k_far = key[:, :, :end] if tables.raw_far_keys else _decoding_keys(state, tables, key, "far", 0, end)
+        out = two_part_attention_decode(queries, k_near, k_far, value, window=w, scale=1.0, key_valid=tables.valid,
+                                        mask=tables.decode_mask)  # fmt: skip
+        return out.transpose(1, 2), None
+
     if tables.log_n is not None:
         query = query * tables.log_n
-    start, end = near_far_ranges(q_len, kv_len, w)
 
     def far_keys(keys: Tensor) -> Tensor:
         return keys if tables.k_far is None else apply_rotary(keys, *tables.k_far)
 
-    if q_len == 1:  # decoding: near and far query as two rows
-        queries = apply_rotary(query.expand(-1, -1, 2, -1), *tables.q)
-        k_near = _decoding_keys(state, tables, key, "near", start, kv_len)
-        k_far = (
-            key[:, :, :end]
-            if tables.key_positions["far"] is None
-            else _decoding_keys(state, tables, key, "far", 0, end)
-        )
-        out = two_part_attention_decode(queries, k_near, k_far, value, window=w, scale=scale, key_valid=tables.valid,
-                                        mask=tables.decode_mask)  # fmt: skip
-        return out.transpose(1, 2), None
     q_near, q_far = apply_rotary(query, *tables.q), apply_rotary(query, *tables.q_far)
     if q_len == kv_len:
         out = _prefill(q_near, apply_rotary(key, *tables.k), q_far, far_keys(key), value, tables.valid, w, scale)
@@ -526,19 +531,47 @@ class _Tables:
     log_n: Tensor | None = None  # [B, 1, q, 1]
     valid: Tensor | None = None  # [B, kv] bool, None when no key is padding
     decode_mask: tuple[Tensor | None, Tensor | None, Tensor | None] | None = None  # attention.decode_mask's
-    # decoding: the positions near keys ([B, kv]) and far keys ([B, end]; None: raw keys) are rotated to, the position
-    # of cache key 0 [B], and key cos/sin tables made on demand (mostly for the one key that became near / far)
-    key_positions: dict[str, Tensor | None] = field(default_factory=dict)
-    first_key_position: Tensor | None = None
+    # decoding: rotation matrices [B, 3, D, D] of the near query, the far query and the key that just became far
+    # (the key that just became near sits at the query's position), cos/sin tables of other key ranges on demand
+    rotations: Tensor | None = None
+    raw_far_keys: bool = False  # ReRoPE: far keys are used as cached
+    kv_len: int = 0
+    window: int = 0
+    first_key_position: Tensor | None = None  # [B], of cache key 0
+    far_key_map: Callable[[Tensor], Tensor] | None = None  # key positions -> far key positions
     rope: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
-    _key_tables: dict[tuple[str, int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    _memo: dict[Any, Any] = field(default_factory=dict)
 
-    def key_table(self, kind: str, start: int, end: int) -> tuple[Tensor, Tensor]:
-        """cos/sin for the ``kind`` ("near" / "far") keys ``[start, end)`` of a decoding step, made once for all
-        layers."""
-        if (kind, start, end) not in self._key_tables:
-            self._key_tables[kind, start, end] = self.rope(self.key_positions[kind][:, start:end])
-        return self._key_tables[kind, start, end]
+    def query_rotation(self, scale: float) -> Tensor:
+        """``[B, 1, D, 2D]``: ``query [B, H, 1, D] @ it`` gives the near and far query rows side by side, times the
+        score scale and the log-n scale (folded in here once per step instead of scaling scores in every layer)."""
+        if ("query", scale) not in self._memo:
+            rows = self.rotations[:, :2] * scale
+            if self.log_n is not None:
+                rows = rows * self.log_n.view(-1, 1, 1, 1).to(rows.dtype)
+            self._memo["query", scale] = torch.cat([rows[:, 0], rows[:, 1]], dim=-1).unsqueeze(1)
+        return self._memo["query", scale]
+
+    def rotate_keys(self, key: Tensor, kind: str, start: int, end: int) -> Tensor:
+        """Keys ``[start, end)`` of a decoding step rotated to their ``kind`` ("near" / "far") positions."""
+        newest = self.kv_len if kind == "near" else self.kv_len - self.window
+        if end - start == 1 and end == newest:
+            if (kind,) not in self._memo:
+                self._memo[kind,] = self.rotations[:, 0 if kind == "near" else 2].unsqueeze(1)
+            return torch.matmul(key[:, :, start:end], self._memo[kind,])
+        if (kind, start, end) not in self._memo:
+            positions = self.first_key_position.unsqueeze(1) + torch.arange(start, end, device=key.device)
+            self._memo[kind, start, end] = self.rope(positions if kind == "near" else self.far_key_map(positions))
+        return apply_rotary(key[:, :, start:end], *self._memo[kind, start, end])
+
+    def same_first_position(self, previous: Tensor | None) -> bool:
+        """Whether cache key 0 sits where it sat in an earlier step (one comparison per step for all layers: they
+        all hold that step's tensor)."""
+        if previous is None:
+            return False
+        if ("first", id(previous)) not in self._memo:
+            self._memo["first", id(previous)] = torch.equal(previous, self.first_key_position)
+        return self._memo["first", id(previous)]
 
 
 class _Rope:
@@ -577,33 +610,48 @@ class _Rope:
         if position_ids is None:
             position_ids = torch.arange(kv_len - q_len, kv_len, device=query.device).unsqueeze(0)
         positions = position_ids.expand(batch, q_len)
-        # cached keys are the most recent kv_len tokens, ending at the last query
-        key_positions = positions[:, -1:] - torch.arange(kv_len - 1, -1, -1, device=query.device)
         if not state.apply_rerope:
+            # cached keys are the most recent kv_len tokens, ending at the last query
+            key_positions = positions[:, -1:] - torch.arange(kv_len - 1, -1, -1, device=query.device)
             return _Tables(q=self(query, positions), k=self(query, key_positions))
         settings = state.settings
         valid = _key_validity(attention_mask, batch, kv_len)
         _check_causal_mask(attention_mask, valid, q_len, kv_len)
         _check_contiguous(positions, None if valid is None else valid[:, -q_len:])
-        start, end = (0, kv_len) if q_len == kv_len else near_far_ranges(q_len, kv_len, settings.window)
-        far_queries = far_query_positions(positions, settings.window, settings.leaky)
-        far_keys = far_key_positions(key_positions[:, :end], settings.leaky)
-        if far_keys is None and not state.identity_at_zero:
-            far_keys = torch.zeros_like(key_positions[:, :end])  # rope types that scale cos/sin scale raw keys too
-        if q_len == 1:  # decoding: one table for the near and far query rows, key tables on demand
-            tables = _Tables(q=self(query, torch.cat([positions.to(far_queries.dtype), far_queries], dim=1)), k=None)
-            tables.key_positions = {"near": key_positions, "far": far_keys}
-            tables.first_key_position, tables.rope = key_positions[:, 0], partial(self, query)
-            if query.device.type == "cpu" and query.dtype not in (torch.float32, torch.float64):  # kernel path
-                tables.decode_mask = decode_mask(kv_len, end, valid, query.dtype)
+        if settings.leaky is not None:
+            far_key_map = partial(far_key_positions, leaky=settings.leaky)
+        elif not state.identity_at_zero:  # rope types that scale cos/sin scale the raw far keys too
+            far_key_map = torch.zeros_like
         else:
+            far_key_map = None
+        far_queries = far_query_positions(positions, settings.window, settings.leaky)
+        if q_len == 1:
+            tables = self._decoding_tables(query, kv_len, positions, far_queries, far_key_map, settings.window)
+            if query.device.type == "cpu" and query.dtype not in (torch.float32, torch.float64):  # kernel path
+                tables.decode_mask = decode_mask(kv_len, max(0, kv_len - settings.window), valid, query.dtype)
+        else:
+            key_positions = positions[:, -1:] - torch.arange(kv_len - 1, -1, -1, device=query.device)
+            start, end = (0, kv_len) if q_len == kv_len else near_far_ranges(q_len, kv_len, settings.window)
             # keys before `start` are far from every query and keys from `end` on are near to every query
             tables = _Tables(q=self(query, positions), k=self(query, key_positions[:, start:]))
             tables.q_far = self(query, far_queries)
-            tables.k_far = None if far_keys is None else self(query, far_keys)
+            tables.k_far = None if far_key_map is None else self(query, far_key_map(key_positions[:, :end]))
         tables.valid = valid
         if settings.log_scale_base is not None:
             tables.log_n = log_n_scale(positions, settings.log_scale_base).to(query.dtype)[:, None, :, None]
+        return tables
+
+    def _decoding_tables(self, query, kv_len: int, positions, far_queries, far_key_map, window: int) -> _Tables:
+        """One rotary call for the three rows a decoding step rotates (near and far query, newest far key); the few
+        other keys it may need get tables on demand."""
+        dtype = far_queries.dtype
+        # the newest far key sits `window` before the query (a placeholder row when far keys stay raw)
+        newest_far = far_queries if far_key_map is None else far_key_map(positions - window).to(dtype)
+        rows = torch.cat([positions.to(dtype), far_queries, newest_far], dim=1)
+        tables = _Tables(q=self(query, rows), k=None, raw_far_keys=far_key_map is None, kv_len=kv_len, window=window)
+        tables.rotations = rotation_matrices(*tables.q, query.shape[-1])
+        tables.first_key_position = positions[:, -1] - (kv_len - 1)
+        tables.far_key_map, tables.rope = far_key_map, partial(self, query)
         return tables
 
 
@@ -612,7 +660,7 @@ def _decoding_keys(state: _LayerState, tables: _Tables, key: Tensor, kind: str, 
     steps' rotations (:class:`_RotatedKeys`) when the forward pass got its cache by keyword."""
     cache = state.decoding.cache
     if cache is None or end == start or key.requires_grad:
-        return apply_rotary(key[:, :, start:end], *tables.key_table(kind, start, end))
+        return tables.rotate_keys(key, kind, start, end)
     per_layer = state.decoding.rotated.setdefault(cache, {})
     rotated = per_layer.get((state.layer_idx, kind))
     if rotated is None or rotated.state is not state:
@@ -658,7 +706,7 @@ class _RotatedKeys:
     def update(self, key: Tensor, start: int, end: int, tables: _Tables, kind: str) -> Tensor:
         """The rotated keys ``[start, end)`` of ``key`` (the updated cache), rotating only those not kept."""
         first = tables.first_key_position
-        grew_by_one = key.shape[2] == self.cached_length + 1 and torch.equal(first, self.first_position)
+        grew_by_one = key.shape[2] == self.cached_length + 1 and tables.same_first_position(self.first_position)
         kept_end = self.reusable if grew_by_one and self.offset <= start < self.reusable else start
         kept_end = min(kept_end, end)
         if end - self.offset > (0 if self.buffer is None else self.buffer.shape[2]) or kept_end == start:
@@ -669,8 +717,7 @@ class _RotatedKeys:
                 buffer[:, :, : kept_end - start] = self.buffer[:, :, start - self.offset : kept_end - self.offset]
             self.buffer, self.offset = buffer, start
         if end > kept_end:
-            rotated = apply_rotary(key[:, :, kept_end:end], *tables.key_table(kind, kept_end, end))
-            self.buffer[:, :, kept_end - self.offset : end - self.offset] = rotated
+            self.buffer[:, :, kept_end - self.offset : end - self.offset] = tables.rotate_keys(key, kind, kept_end, end)
         self.source, self.version, self.first_position = key, key._version, first
         self.length, self.reusable, self.cached_length = end - self.offset, 0, -1
         return self.buffer[:, :, start - self.offset : end - self.offset]
