@@ -480,20 +480,24 @@ def two_part_attention_decode(
         return _decode_with_kernels(queries, k_near, k_far, v, start, end, scale, key_valid, mask)
     # A single query row is a matrix-vector product: two matmuls and one softmax over the [far | near] scores (which
     # line up with the values, as the near range starts where the far range ends) cost about one plain attention,
-    # while two flash-kernel calls plus a log-sum-exp merge were ~1.6x slower on CPU for a 4096-token cache.
+    # while two flash-kernel calls plus a log-sum-exp merge were ~1.6x slower on CPU for a 4096-token cache. At this
+    # size every kernel launch counts, so no-op casts and scalings are skipped.
     b, h, _, d = queries.shape
     hkv = v.shape[1]
-    dt = _compute_dtype(queries.dtype)
-
-    def scores(row: Tensor, keys: Tensor) -> Tensor:
-        return torch.matmul(row.reshape(b, hkv, h // hkv, d), keys.transpose(-1, -2))
-
-    s = torch.cat([scores(queries[:, :, 1], k_far), scores(queries[:, :, 0], k_near)], dim=-1).to(dt) * scale
+    rows = queries.reshape(b, hkv, h // hkv, 2, d)
+    s = torch.cat([torch.matmul(rows[:, :, :, 1], k_far.mT), torch.matmul(rows[:, :, :, 0], k_near.mT)], dim=-1)
+    dt = _compute_dtype(s.dtype)
+    if s.dtype != dt:
+        s = s.to(dt)
+    if scale != 1.0:
+        s = s * scale
     if key_valid is not None:
         # finite fill: a padding row that sees no key gets a harmless uniform row instead of NaN
         s = s.masked_fill(~key_valid.view(b, 1, 1, kv), torch.finfo(dt).min)
-    p = torch.softmax(s, dim=-1).to(v.dtype)
-    return torch.matmul(p, v).reshape(b, h, 1, v.shape[-1])
+    p = torch.softmax(s, dim=-1)
+    if p.dtype != v.dtype:
+        p = p.to(v.dtype)
+    return torch.matmul(p, v).view(b, h, 1, v.shape[-1])
 
 
 def _decode_with_kernels(queries, k_near, k_far, v, start: int, end: int, scale: float, key_valid, mask) -> Tensor:

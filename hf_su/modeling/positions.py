@@ -12,6 +12,7 @@ window, positions whose difference is the re-mapped distance:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -97,14 +98,22 @@ def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor, dim: int) -> torch.T
     if rot < dim:
         cos = torch.cat([cos, cos.new_ones(*cos.shape[:-1], dim - rot)], dim=-1)
         sin = torch.cat([sin, sin.new_zeros(*sin.shape[:-1], dim - rot)], dim=-1)
+    eye, partner = _rotation_patterns(dim, rot, cos.dtype, cos.device)
+    return eye * cos.unsqueeze(-2) + partner * sin.unsqueeze(-2)
+
+
+@functools.lru_cache(maxsize=32)
+def _rotation_patterns(
+    dim: int, rot: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Constant ``[dim, dim]`` patterns: identity, and the signed rotate-half partner of each output feature
+    (``out_o = x_o cos_o + x_partner(o) sign(o) sin_o``); made once, as decoding builds matrices every step."""
     half = rot // 2
-    idx = torch.arange(half, device=cos.device)
-    # out_o = x_o cos_o + x_partner(o) sign(o) sin_o with the rotate-half partner o +- half
-    partner = torch.zeros(dim, dim, dtype=cos.dtype, device=cos.device)
+    idx = torch.arange(half, device=device)
+    partner = torch.zeros(dim, dim, dtype=dtype, device=device)
     partner[idx + half, idx] = -1
     partner[idx, idx + half] = 1
-    eye = torch.eye(dim, dtype=cos.dtype, device=cos.device)
-    return eye * cos.unsqueeze(-2) + partner * sin.unsqueeze(-2)
+    return torch.eye(dim, dtype=dtype, device=device), partner
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
