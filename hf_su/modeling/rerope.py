@@ -21,6 +21,7 @@ sliding layers), so key ``j`` of ``kv`` sits ``kv - 1 - j`` tokens before the la
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import sys
@@ -104,6 +105,7 @@ class _DecodingState:
 
     cache: Any = None
     rotated: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+    layers: dict[tuple[int, str], _RotatedKeys] | None = None  # rotated[cache] during a forward pass with a cache
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -364,24 +366,34 @@ def _unrotated_rotary_output(module: nn.Module, args: Any, output: tuple[Tensor,
     return torch.ones_like(cos), torch.zeros_like(sin)
 
 
-def _before_forward(decoding: _DecodingState, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-    from transformers.cache_utils import StaticCache
+@functools.cache
+def _cache_classes() -> tuple[type, type]:
+    from transformers.cache_utils import DynamicLayer, StaticCache
 
+    return DynamicLayer, StaticCache
+
+
+def _before_forward(decoding: _DecodingState, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+    dynamic_layer, static_cache = _cache_classes()
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if isinstance(cache, StaticCache):
+    if isinstance(cache, static_cache):
         raise ValueError(
             "ReRoPE supports DynamicCache (the default) but not StaticCache: a static cache does not tell the "
             "attention where the cached tokens end"
         )
+    decoding.cache, decoding.layers = None, None
+    cache_layers = getattr(cache, "layers", None)
+    if not isinstance(cache_layers, list):
+        return
+    decoding.cache, decoding.layers = cache, decoding.rotated.setdefault(cache, {})
     # the cache layers still hold the keys of before this step: check which rotated keys still match them
-    decoding.cache = cache
-    for (layer_idx, _), rotated in (decoding.rotated.get(cache, {}) if cache is not None else {}).items():
-        layers = getattr(cache, "layers", [])
-        rotated.check(layers[layer_idx] if layer_idx < len(layers) else None)
+    for (layer_idx, _), rotated in decoding.layers.items():
+        layer = cache_layers[layer_idx] if layer_idx < len(cache_layers) else None
+        rotated.check(layer.keys if type(layer) is dynamic_layer else None)
 
 
 def _after_forward(decoding: _DecodingState, module: nn.Module, args: Any, output: Any) -> None:
-    decoding.cache = None
+    decoding.cache, decoding.layers = None, None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -584,6 +596,7 @@ class _Rope:
     def __init__(self, rotary: nn.Module, layer_type: str | None):
         self.rotary, self.layer_type = rotary, layer_type
         self._cache: dict[bool, tuple[tuple[Any, ...], _Tables]] = {}
+        self._rows: tuple[tuple[Any, ...], Tensor, Tensor] | None = None  # decoding rows by position, see below
 
     def __call__(self, like: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         # .forward, not the module: the patch's hook on the module hides the real cos/sin from everyone else
@@ -624,12 +637,12 @@ class _Rope:
             far_key_map = torch.zeros_like
         else:
             far_key_map = None
-        far_queries = far_query_positions(positions, settings.window, settings.leaky)
         if q_len == 1:
-            tables = self._decoding_tables(query, kv_len, positions, far_queries, far_key_map, settings.window)
+            tables = self._decoding_tables(query, kv_len, positions, settings, far_key_map)
             if query.device.type == "cpu" and query.dtype not in (torch.float32, torch.float64):  # kernel path
                 tables.decode_mask = decode_mask(kv_len, max(0, kv_len - settings.window), valid, query.dtype)
         else:
+            far_queries = far_query_positions(positions, settings.window, settings.leaky)
             key_positions = positions[:, -1:] - torch.arange(kv_len - 1, -1, -1, device=query.device)
             start, end = (0, kv_len) if q_len == kv_len else near_far_ranges(q_len, kv_len, settings.window)
             # keys before `start` are far from every query and keys from `end` on are near to every query
@@ -641,27 +654,53 @@ class _Rope:
             tables.log_n = log_n_scale(positions, settings.log_scale_base).to(query.dtype)[:, None, :, None]
         return tables
 
-    def _decoding_tables(self, query, kv_len: int, positions, far_queries, far_key_map, window: int) -> _Tables:
-        """One rotary call for the three rows a decoding step rotates (near and far query, newest far key); the few
-        other keys it may need get tables on demand."""
-        dtype = far_queries.dtype
-        # the newest far key sits `window` before the query (a placeholder row when far keys stay raw)
-        newest_far = far_queries if far_key_map is None else far_key_map(positions - window).to(dtype)
-        rows = torch.cat([positions.to(dtype), far_queries, newest_far], dim=1)
-        tables = _Tables(q=self(query, rows), k=None, raw_far_keys=far_key_map is None, kv_len=kv_len, window=window)
-        tables.rotations = rotation_matrices(*tables.q, query.shape[-1])
+    def _decoding_tables(self, query, kv_len: int, positions, settings: ReRoPESettings, far_key_map) -> _Tables:
+        """The rows a decoding step rotates (near query, far query, newest far key) as matrices; the few other keys
+        it may need get tables on demand."""
+        cos, sin = self._decoding_rows(query, positions, settings, far_key_map)
+        tables = _Tables(q=(cos, sin), k=None, raw_far_keys=far_key_map is None, kv_len=kv_len, window=settings.window)
+        tables.rotations = rotation_matrices(cos, sin, query.shape[-1])
         tables.first_key_position = positions[:, -1] - (kv_len - 1)
         tables.far_key_map, tables.rope = far_key_map, partial(self, query)
         return tables
+
+    def _decoding_rows(self, like: Tensor, positions: Tensor, settings: ReRoPESettings, far_key_map):
+        """cos/sin ``[B, 3, R]`` of the decoding rows for query positions ``[B, 1]``, looked up in a table made for a
+        range of positions at once (rebuilt, twice as long, when a position passes its end): a rotary call per step
+        costs more than the attention arithmetic of a small model. The table is tied to the rotary module's buffers
+        (address and version counter), so moving or editing them rebuilds it."""
+        low, high = min(positions.tolist())[0], max(positions.tolist())[0]
+        if low < 0:
+            return self(like, _decoding_row_positions(positions, settings, far_key_map))
+        key = (
+            like.dtype,
+            like.device,
+            far_key_map is None,
+            *((b.data_ptr(), b._version) for b in self.rotary.buffers()),
+        )
+        if self._rows is None or self._rows[0] != key or high >= self._rows[1].shape[0]:
+            table_positions = torch.arange(max(256, 2 * (high + 1)), device=like.device).unsqueeze(1)
+            cos, sin = self(like, _decoding_row_positions(table_positions, settings, far_key_map))
+            self._rows = (key, cos, sin)
+        index = positions.view(-1)
+        return self._rows[1][index], self._rows[2][index]
+
+
+def _decoding_row_positions(positions: Tensor, settings: ReRoPESettings, far_key_map) -> Tensor:
+    """``[B, 3]`` positions of a decoding step's rows for query positions ``[B, 1]``: near query (and newest near
+    key), far query, and the newest far key, which sits ``window`` before the query (a placeholder row when far keys
+    stay raw)."""
+    far_queries = far_query_positions(positions, settings.window, settings.leaky)
+    newest_far = far_queries if far_key_map is None else far_key_map(positions - settings.window).to(far_queries.dtype)
+    return torch.cat([positions.to(far_queries.dtype), far_queries, newest_far], dim=1)
 
 
 def _decoding_keys(state: _LayerState, tables: _Tables, key: Tensor, kind: str, start: int, end: int) -> Tensor:
     """Keys ``[start, end)`` of a decoding step rotated to their ``kind`` ("near" / "far") positions, reusing earlier
     steps' rotations (:class:`_RotatedKeys`) when the forward pass got its cache by keyword."""
-    cache = state.decoding.cache
-    if cache is None or end == start or key.requires_grad:
+    per_layer = state.decoding.layers
+    if per_layer is None or end == start or key.requires_grad:
         return tables.rotate_keys(key, kind, start, end)
-    per_layer = state.decoding.rotated.setdefault(cache, {})
     rotated = per_layer.get((state.layer_idx, kind))
     if rotated is None or rotated.state is not state:
         rotated = per_layer[state.layer_idx, kind] = _RotatedKeys(state)
@@ -691,13 +730,10 @@ class _RotatedKeys:
         self.offset = self.length = 0
         self.reusable, self.cached_length = 0, -1  # set by check() for the forward pass in progress
 
-    def check(self, layer: Any) -> None:
-        """Before a forward pass: up to which key the rotations still match the cache layer's (not yet updated)
-        keys."""
-        from transformers.cache_utils import DynamicLayer
-
+    def check(self, keys: Tensor | None) -> None:
+        """Before a forward pass: up to which key the rotations still match the (not yet updated) keys of the cache
+        layer (None: not a ``DynamicLayer``)."""
         self.reusable, self.cached_length = 0, -1
-        keys = getattr(layer, "keys", None) if type(layer) is DynamicLayer else None
         source = self.source
         if keys is None or source is None or source._version != self.version or not _is_prefix_view(keys, source):
             return
@@ -727,16 +763,17 @@ def _is_prefix_view(keys: Tensor, source: Tensor) -> bool:
     """True if ``keys`` is ``source`` or a view of its first tokens (what ``DynamicCache.crop`` leaves behind)."""
     if keys is source:
         return True
-    # `source` is alive, so its storage cannot have been freed and reused: the same address is the same storage
+    # a view of `source` (so sharing its version counter) starting at the same address with the same strides
+    ks, ss = keys.shape, source.shape
     return (
-        keys.device == source.device
+        isinstance(keys, torch.Tensor)
+        and keys._base is source
         and keys.dtype == source.dtype
-        and keys.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
-        and keys.storage_offset() == source.storage_offset()
+        and keys.data_ptr() == source.data_ptr()
         and keys.stride() == source.stride()
-        and keys.shape[:2] == source.shape[:2]
-        and keys.shape[3:] == source.shape[3:]
-        and keys.shape[2] <= source.shape[2]
+        and len(ks) == 4
+        and (ks[0], ks[1], ks[3]) == (ss[0], ss[1], ss[3])
+        and ks[2] <= ss[2]
     )
 
 
