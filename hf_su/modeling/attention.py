@@ -33,8 +33,40 @@ from dataclasses import dataclass
 import torch
 
 from ..capabilities import flash_attn_available
+from .positions import apply_rotary
 
 Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Rotated:
+    """``x [B, H, n, D]`` rotated by ``cos``/``sin`` (``[B, n, R]`` or ``[n, R]``, see
+    :func:`~hf_su.modeling.positions.apply_rotary`), rotated only where and when used.
+
+    Passed as the far queries or keys of :func:`two_part_attention`, an inference prefill rotates them one chunk at a
+    time, so it never holds a full rotated copy next to the near-part ones (for Leaky ReRoPE that is two q/k-sized
+    tensors less at the peak). Keys are rotated once per far chunk of queries that sees them (a few times each at
+    most): O(n) work next to the O(n^2) attention.
+    """
+
+    x: Tensor
+    cos: Tensor
+    sin: Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.x.shape
+
+    def rows(self, start: int, end: int) -> Tensor:
+        """The rotated tokens ``[start, end)``."""
+        return apply_rotary(self.x[:, :, start:end], self.cos[..., start:end, :], self.sin[..., start:end, :])
+
+    def materialize(self) -> Tensor:
+        return apply_rotary(self.x, self.cos, self.sin)
+
+
+def _materialize(x: Tensor | Rotated) -> Tensor:
+    return x.materialize() if isinstance(x, Rotated) else x
 
 
 def merge_attention_parts(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
@@ -251,15 +283,20 @@ def _far_chunks(m: int) -> list[tuple[int, int]]:
     return [(s, min(s + FAR_CHUNK, m)) for s in range(0, m, FAR_CHUNK)]
 
 
+def _rows(x: Tensor | Rotated, start: int, end: int) -> Tensor:
+    return x.rows(start, end) if isinstance(x, Rotated) else x[:, :, start:end]
+
+
 def _two_part_forward(kernel: _Kernel, q_near, k_near, q_far, k_far, v, window: int, scale: float):
     n, w = q_near.shape[2], window
     out, lse = _near_forward(kernel, q_near, k_near, v, w, scale)
     for s, e in _far_chunks(n - w):
-        rows = q_far[:, :, w + s : w + e]
-        part, part_lse = kernel.forward(rows, k_far[:, :, s:e], v[:, :, s:e], True, None, scale)
-        if s:
+        rows = _rows(q_far, w + s, w + e)
+        part, part_lse = kernel.forward(rows, _rows(k_far, s, e), v[:, :, s:e], True, None, scale)
+        # the fully visible keys [0, s): one call on a tensor, chunk by chunk when they are rotated on the fly
+        for a, b in [(0, s)] if s and isinstance(k_far, Tensor) else _far_chunks(s):
             merge_attention_parts(
-                part, part_lse, *kernel.forward(rows, k_far[:, :, :s], v[:, :, :s], False, None, scale)
+                part, part_lse, *kernel.forward(rows, _rows(k_far, a, b), v[:, :, a:b], False, None, scale)
             )
         merge_attention_parts(out[:, :, w + s : w + e], lse[:, :, w + s : w + e], part, part_lse)
     return out, lse
@@ -323,7 +360,7 @@ def _flash_two_part_forward(q_near, k_near, q_far, k_far, v, window: int, scale:
     return out
 
 
-def _check_shapes(q_near: Tensor, k_near: Tensor, q_far: Tensor, k_far: Tensor, v: Tensor) -> None:
+def _check_shapes(q_near: Tensor, k_near: Tensor, q_far: Tensor | Rotated, k_far: Tensor | Rotated, v: Tensor) -> None:
     if q_near.dim() != 4 or q_near.shape != q_far.shape:
         raise ValueError(
             f"queries must be [B, H, n, D] of equal shapes, got {tuple(q_near.shape)}, {tuple(q_far.shape)}"
@@ -337,8 +374,8 @@ def _check_shapes(q_near: Tensor, k_near: Tensor, q_far: Tensor, k_far: Tensor, 
 def two_part_attention(
     q_near: Tensor,
     k_near: Tensor,
-    q_far: Tensor,
-    k_far: Tensor,
+    q_far: Tensor | Rotated,
+    k_far: Tensor | Rotated,
     v: Tensor,
     *,
     window: int,
@@ -353,8 +390,9 @@ def two_part_attention(
     Args:
         q_near: ``[B, H, n, D]`` queries for the near part.
         k_near: ``[B, Hkv, n, D]`` keys for the near part.
-        q_far: Queries for the far part (same shape as ``q_near``).
-        k_far: Keys for the far part (same shape as ``k_near``).
+        q_far: Queries for the far part (same shape as ``q_near``); a :class:`Rotated` is rotated chunk by chunk
+            when no gradient is needed (less memory), else in full.
+        k_far: Keys for the far part (same shape as ``k_near``); may be :class:`Rotated` too.
         v: ``[B, Hkv, n, Dv]`` values.
         window: The window ``w >= 1``.
         scale: Score scale (usually ``D ** -0.5``).
@@ -365,19 +403,23 @@ def two_part_attention(
         ``[B, H, n, Dv]`` attention output.
     """
     _check_shapes(q_near, k_near, q_far, k_far, v)
+    kernels = {"cpu": CPU_KERNEL, "math": MATH_KERNEL}
+    if kernel is not None and kernel not in kernels:
+        raise ValueError(f"kernel must be None, 'cpu' or 'math', got {kernel!r}")
+    tensors = [q_near, k_near, v] + [t.x if isinstance(t, Rotated) else t for t in (q_far, k_far)]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if kernel is None:
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_near, k_near, q_far, k_far, v))
         if (
             q_near.is_cuda
             and q_near.dtype in (torch.float16, torch.bfloat16)
             and not needs_grad
             and flash_attn_available()
         ):
-            return _flash_two_part_forward(q_near, k_near, q_far, k_far, v, window, scale)
+            return _flash_two_part_forward(q_near, k_near, _materialize(q_far), _materialize(k_far), v, window, scale)
         kernel = "cpu" if q_near.device.type == "cpu" else "math"
-    kernels = {"cpu": CPU_KERNEL, "math": MATH_KERNEL}
-    if kernel not in kernels:
-        raise ValueError(f"kernel must be None, 'cpu' or 'math', got {kernel!r}")
+    if not needs_grad:
+        return _two_part_forward(kernels[kernel], q_near, k_near, q_far, k_far, v, window, scale)[0]
+    q_far, k_far = _materialize(q_far), _materialize(k_far)
     return _TwoPartAttention.apply(q_near, k_near, q_far, k_far, v, window, scale, kernels[kernel])
 
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .attention import (
+    Rotated,
     decode_mask,
     near_far_ranges,
     two_part_attention,
@@ -518,15 +519,16 @@ def rerope_attention_forward(
     if tables.log_n is not None:
         query = query * tables.log_n
 
-    def far_keys(keys: Tensor) -> Tensor:
-        return keys if tables.k_far is None else apply_rotary(keys, *tables.k_far)
-
-    q_near, q_far = apply_rotary(query, *tables.q), apply_rotary(query, *tables.q_far)
+    q_near = apply_rotary(query, *tables.q)
     if q_len == kv_len:
-        out = _prefill(q_near, apply_rotary(key, *tables.k), q_far, far_keys(key), value, tables.valid, w, scale)
+        # the far operands are rotated chunk by chunk inside the attention (no full rotated copies) when inferring
+        q_far = Rotated(query, *tables.q_far)
+        k_far = key if tables.k_far is None else Rotated(key, *tables.k_far)
+        out = _prefill(q_near, apply_rotary(key, *tables.k), q_far, k_far, value, tables.valid, w, scale)
     else:  # a chunk continuing a cache
         k_near = apply_rotary(key[:, :, start:], *tables.k)
-        out = two_part_attention_dense(q_near, k_near, q_far, far_keys(key[:, :, :end]), value, window=w,
+        k_far = key[:, :, :end] if tables.k_far is None else apply_rotary(key[:, :, :end], *tables.k_far)
+        out = two_part_attention_dense(q_near, k_near, apply_rotary(query, *tables.q_far), k_far, value, window=w,
                                        scale=scale, key_valid=tables.valid)  # fmt: skip
     return out.transpose(1, 2), None
 
@@ -780,6 +782,7 @@ def _is_prefix_view(keys: Tensor, source: Tensor) -> bool:
 def _prefill(q_near, k_near, q_far, k_far, value, valid: Tensor | None, window: int, scale: float) -> Tensor:
     if valid is None:
         return two_part_attention(q_near, k_near, q_far, k_far, value, window=window, scale=scale)
+    q_far, k_far = (x.materialize() if isinstance(x, Rotated) else x for x in (q_far, k_far))
     # padded rows: run each row on its own valid span (positions inside a span are contiguous), zeros elsewhere
     rows = []
     for b, (start, end) in enumerate(_valid_spans(valid)):
