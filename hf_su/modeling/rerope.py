@@ -598,7 +598,7 @@ class _Rope:
     def __init__(self, rotary: nn.Module, layer_type: str | None):
         self.rotary, self.layer_type = rotary, layer_type
         self._cache: dict[bool, tuple[tuple[Any, ...], _Tables]] = {}
-        self._rows: tuple[tuple[Any, ...], Tensor, Tensor] | None = None  # decoding rows by position, see below
+        self._rows: tuple[tuple[Any, ...], Tensor] | None = None  # decoding rows by position, see _decoding_rows
 
     def __call__(self, like: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         # .forward, not the module: the patch's hook on the module hides the real cos/sin from everyone else
@@ -671,21 +671,18 @@ class _Rope:
         range of positions at once (rebuilt, twice as long, when a position passes its end): a rotary call per step
         costs more than the attention arithmetic of a small model. The table is tied to the rotary module's buffers
         (address and version counter), so moving or editing them rebuilds it."""
-        low, high = min(positions.tolist())[0], max(positions.tolist())[0]
-        if low < 0:
+        flat = positions.view(-1)
+        values = flat.tolist()
+        if min(values) < 0:
             return self(like, _decoding_row_positions(positions, settings, far_key_map))
-        key = (
-            like.dtype,
-            like.device,
-            far_key_map is None,
-            *((b.data_ptr(), b._version) for b in self.rotary.buffers()),
-        )
-        if self._rows is None or self._rows[0] != key or high >= self._rows[1].shape[0]:
-            table_positions = torch.arange(max(256, 2 * (high + 1)), device=like.device).unsqueeze(1)
+        buffers = tuple((b.data_ptr(), b._version) for b in self.rotary._buffers.values() if b is not None)
+        key = (like.dtype, like.device, far_key_map is None, buffers)
+        if self._rows is None or self._rows[0] != key or max(values) >= self._rows[1].shape[0]:
+            table_positions = torch.arange(max(256, 2 * (max(values) + 1)), device=like.device).unsqueeze(1)
             cos, sin = self(like, _decoding_row_positions(table_positions, settings, far_key_map))
-            self._rows = (key, cos, sin)
-        index = positions.view(-1)
-        return self._rows[1][index], self._rows[2][index]
+            self._rows = (key, torch.stack([cos, sin], dim=1))  # [N, 2, 3, R]: one lookup per step
+        rows = self._rows[1].index_select(0, flat)
+        return rows[:, 0], rows[:, 1]
 
 
 def _decoding_row_positions(positions: Tensor, settings: ReRoPESettings, far_key_map) -> Tensor:
