@@ -364,7 +364,17 @@ def _check_rotation_convention(module: nn.Module, rope: _Rope) -> bool:
 
 def _unrotated_rotary_output(module: nn.Module, args: Any, output: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     cos, sin = output
-    return torch.ones_like(cos), torch.zeros_like(sin)
+    # the same read-only tensors for every step of a given shape (decoding asks for one token's again and again)
+    key = (cos.shape, cos.dtype, cos.device, sin.shape, sin.dtype)
+    cached = _IDENTITY_ROTATIONS.get(key)
+    if cached is None:
+        if len(_IDENTITY_ROTATIONS) >= 64:
+            _IDENTITY_ROTATIONS.clear()
+        cached = _IDENTITY_ROTATIONS[key] = (torch.ones_like(cos), torch.zeros_like(sin))
+    return cached
+
+
+_IDENTITY_ROTATIONS: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
 
 
 @functools.cache
@@ -509,7 +519,7 @@ def rerope_attention_forward(
     start, end = near_far_ranges(q_len, kv_len, w)
     if q_len == 1:  # decoding: near and far query as two rows [B, H, 2, D], scaled (log-n and score scale)
         b, h, _, d = query.shape
-        queries = torch.matmul(query, tables.query_rotation(scale)).view(b, h, 2, d)
+        queries = torch.bmm(query.reshape(b, h, d), tables.query_rotation(scale)).view(b, h, 2, d)
         k_near = _decoding_keys(state, tables, key, "near", start, kv_len)
         k_far = key[:, :, :end] if tables.raw_far_keys else _decoding_keys(state, tables, key, "far", 0, end)
         out = two_part_attention_decode(queries, k_near, k_far, value, window=w, scale=1.0, key_valid=tables.valid,
@@ -557,13 +567,13 @@ class _Tables:
     _memo: dict[Any, Any] = field(default_factory=dict)
 
     def query_rotation(self, scale: float) -> Tensor:
-        """``[B, 1, D, 2D]``: ``query [B, H, 1, D] @ it`` gives the near and far query rows side by side, times the
+        """``[B, D, 2D]``: ``query [B, H, D] @ it`` gives the near and far query rows side by side, times the
         score scale and the log-n scale (folded in here once per step instead of scaling scores in every layer)."""
         if ("query", scale) not in self._memo:
             rows = self.rotations[:, :2] * scale
             if self.log_n is not None:
                 rows = rows * self.log_n.view(-1, 1, 1, 1).to(rows.dtype)
-            self._memo["query", scale] = torch.cat([rows[:, 0], rows[:, 1]], dim=-1).unsqueeze(1)
+            self._memo["query", scale] = torch.cat([rows[:, 0], rows[:, 1]], dim=-1)
         return self._memo["query", scale]
 
     def rotate_keys(self, key: Tensor, kind: str, start: int, end: int) -> Tensor:
@@ -571,8 +581,9 @@ class _Tables:
         newest = self.kv_len if kind == "near" else self.kv_len - self.window
         if end - start == 1 and end == newest:
             if (kind,) not in self._memo:
-                self._memo[kind,] = self.rotations[:, 0 if kind == "near" else 2].unsqueeze(1)
-            return torch.matmul(key[:, :, start:end], self._memo[kind,])
+                self._memo[kind,] = self.rotations[:, 0 if kind == "near" else 2]
+            b, hkv, _, d = key.shape
+            return torch.bmm(key[:, :, start].reshape(b, hkv, d), self._memo[kind,]).view(b, hkv, 1, d)
         if (kind, start, end) not in self._memo:
             positions = self.first_key_position.unsqueeze(1) + torch.arange(start, end, device=key.device)
             self._memo[kind, start, end] = self.rope(positions if kind == "near" else self.far_key_map(positions))
