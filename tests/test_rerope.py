@@ -289,6 +289,19 @@ def test_decoding_reuses_rotated_keys_only_while_the_cache_holds_them(make_tiny_
     assert len(decoding.rotated) == 0
 
 
+def test_generate_under_inference_mode_equals_no_grad(make_tiny_model):
+    """Inference tensors carry no version counter: the patch must still run (and give the same tokens)."""
+    model = patch_rerope(make_tiny_model("llama", dtype=torch.float64), WINDOW, leaky=LEAKY)
+    kwargs = dict(max_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        expected = model.generate(_ids(2, 9), **kwargs)
+    with torch.inference_mode():
+        out = model.generate(_ids(2, 9), **kwargs)
+    assert torch.equal(out.sequences, expected.sequences)
+    for a, b in zip(out.logits, expected.logits):
+        _assert_close(a, b, torch.float64)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_left_padded_batched_generate_equals_per_sequence(make_tiny_model, arch):
     model = patch_rerope(make_tiny_model(arch, dtype=torch.float64), WINDOW, leaky=LEAKY, log_scale_base=LOG_BASE)

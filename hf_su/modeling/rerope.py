@@ -561,7 +561,7 @@ class _Tables:
     raw_far_keys: bool = False  # ReRoPE: far keys are used as cached
     kv_len: int = 0
     window: int = 0
-    first_key_position: Tensor | None = None  # [B], of cache key 0
+    first_key_positions: tuple[int, ...] = ()  # per row, of cache key 0 (plain ints: compared every step)
     far_key_map: Callable[[Tensor], Tensor] | None = None  # key positions -> far key positions
     rope: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
     _memo: dict[Any, Any] = field(default_factory=dict)
@@ -585,18 +585,10 @@ class _Tables:
             b, hkv, _, d = key.shape
             return torch.bmm(key[:, :, start].reshape(b, hkv, d), self._memo[kind,]).view(b, hkv, 1, d)
         if (kind, start, end) not in self._memo:
-            positions = self.first_key_position.unsqueeze(1) + torch.arange(start, end, device=key.device)
+            first = torch.tensor(self.first_key_positions, device=key.device).unsqueeze(1)
+            positions = first + torch.arange(start, end, device=key.device)
             self._memo[kind, start, end] = self.rope(positions if kind == "near" else self.far_key_map(positions))
         return apply_rotary(key[:, :, start:end], *self._memo[kind, start, end])
-
-    def same_first_position(self, previous: Tensor | None) -> bool:
-        """Whether cache key 0 sits where it sat in an earlier step (one comparison per step for all layers: they
-        all hold that step's tensor)."""
-        if previous is None:
-            return False
-        if ("first", id(previous)) not in self._memo:
-            self._memo["first", id(previous)] = torch.equal(previous, self.first_key_position)
-        return self._memo["first", id(previous)]
 
 
 class _Rope:
@@ -621,8 +613,8 @@ class _Rope:
         batch, _, q_len, _ = query.shape
         key = (q_len, kv_len, batch, query.dtype, query.device)
         if position_ids is not None:
-            key += (weakref.ref(position_ids), position_ids._version)
-            key += (None,) if attention_mask is None else (weakref.ref(attention_mask), attention_mask._version)
+            key += (weakref.ref(position_ids), _version(position_ids))
+            key += (None,) if attention_mask is None else (weakref.ref(attention_mask), _version(attention_mask))
             cached = self._cache.get(state.apply_rerope)
             if cached is not None and cached[0] == key:
                 return cached[1]
@@ -670,29 +662,28 @@ class _Rope:
     def _decoding_tables(self, query, kv_len: int, positions, settings: ReRoPESettings, far_key_map) -> _Tables:
         """The rows a decoding step rotates (near query, far query, newest far key) as matrices; the few other keys
         it may need get tables on demand."""
-        cos, sin = self._decoding_rows(query, positions, settings, far_key_map)
+        values = positions.view(-1).tolist()
+        cos, sin = self._decoding_rows(query, positions, values, settings, far_key_map)
         tables = _Tables(q=(cos, sin), k=None, raw_far_keys=far_key_map is None, kv_len=kv_len, window=settings.window)
         tables.rotations = rotation_matrices(cos, sin, query.shape[-1])
-        tables.first_key_position = positions[:, -1] - (kv_len - 1)
+        tables.first_key_positions = tuple(v - (kv_len - 1) for v in values)
         tables.far_key_map, tables.rope = far_key_map, partial(self, query)
         return tables
 
-    def _decoding_rows(self, like: Tensor, positions: Tensor, settings: ReRoPESettings, far_key_map):
-        """cos/sin ``[B, 3, R]`` of the decoding rows for query positions ``[B, 1]``, looked up in a table made for a
-        range of positions at once (rebuilt, twice as long, when a position passes its end): a rotary call per step
-        costs more than the attention arithmetic of a small model. The table is tied to the rotary module's buffers
-        (address and version counter), so moving or editing them rebuilds it."""
-        flat = positions.view(-1)
-        values = flat.tolist()
+    def _decoding_rows(self, like: Tensor, positions: Tensor, values: list[int], settings: ReRoPESettings, far_key_map):
+        """cos/sin ``[B, 3, R]`` of the decoding rows for query positions ``[B, 1]`` (``values`` as a list), looked up
+        in a table made for a range of positions at once (rebuilt, twice as long, when a position passes its end): a
+        rotary call per step costs more than the attention arithmetic of a small model. The table is tied to the
+        rotary module's buffers (address and version counter), so moving or editing them rebuilds it."""
         if min(values) < 0:
             return self(like, _decoding_row_positions(positions, settings, far_key_map))
-        buffers = tuple((b.data_ptr(), b._version) for b in self.rotary._buffers.values() if b is not None)
+        buffers = tuple((b.data_ptr(), _version(b)) for b in self.rotary._buffers.values() if b is not None)
         key = (like.dtype, like.device, far_key_map is None, buffers)
         if self._rows is None or self._rows[0] != key or max(values) >= self._rows[1].shape[0]:
             table_positions = torch.arange(max(256, 2 * (max(values) + 1)), device=like.device).unsqueeze(1)
             cos, sin = self(like, _decoding_row_positions(table_positions, settings, far_key_map))
             self._rows = (key, torch.stack([cos, sin], dim=1))  # [N, 2, 3, R]: one lookup per step
-        rows = self._rows[1].index_select(0, flat)
+        rows = self._rows[1].index_select(0, positions.view(-1))
         return rows[:, 0], rows[:, 1]
 
 
@@ -735,7 +726,7 @@ class _RotatedKeys:
         self.state = state
         self.source: Tensor | None = None  # the cache's keys after the step that made the rotations
         self.version = -1
-        self.first_position: Tensor | None = None
+        self.first_position: tuple[int, ...] = ()
         self.buffer: Tensor | None = None  # [B, Hkv, capacity, D]: keys [offset, offset + length) rotated
         self.offset = self.length = 0
         self.reusable, self.cached_length = 0, -1  # set by check() for the forward pass in progress
@@ -745,14 +736,14 @@ class _RotatedKeys:
         layer (None: not a ``DynamicLayer``)."""
         self.reusable, self.cached_length = 0, -1
         source = self.source
-        if keys is None or source is None or source._version != self.version or not _is_prefix_view(keys, source):
+        if keys is None or source is None or _version(source) != self.version or not _is_prefix_view(keys, source):
             return
         self.reusable, self.cached_length = min(self.offset + self.length, keys.shape[2]), keys.shape[2]
 
     def update(self, key: Tensor, start: int, end: int, tables: _Tables, kind: str) -> Tensor:
         """The rotated keys ``[start, end)`` of ``key`` (the updated cache), rotating only those not kept."""
-        first = tables.first_key_position
-        grew_by_one = key.shape[2] == self.cached_length + 1 and tables.same_first_position(self.first_position)
+        first = tables.first_key_positions
+        grew_by_one = key.shape[2] == self.cached_length + 1 and first == self.first_position
         kept_end = self.reusable if grew_by_one and self.offset <= start < self.reusable else start
         kept_end = min(kept_end, end)
         if end - self.offset > (0 if self.buffer is None else self.buffer.shape[2]) or kept_end == start:
@@ -764,9 +755,15 @@ class _RotatedKeys:
             self.buffer, self.offset = buffer, start
         if end > kept_end:
             self.buffer[:, :, kept_end - self.offset : end - self.offset] = tables.rotate_keys(key, kind, kept_end, end)
-        self.source, self.version, self.first_position = key, key._version, first
+        self.source, self.version, self.first_position = key, _version(key), first
         self.length, self.reusable, self.cached_length = end - self.offset, 0, -1
         return self.buffer[:, :, start - self.offset : end - self.offset]
+
+
+def _version(tensor: Tensor) -> int | None:
+    """The version counter, bumped by in-place writes; tensors made under ``torch.inference_mode`` have none (None:
+    their in-place writes go unseen, which transformers' caches and masks never do)."""
+    return None if tensor.is_inference() else tensor._version
 
 
 def _is_prefix_view(keys: Tensor, source: Tensor) -> bool:
