@@ -524,10 +524,12 @@ def two_part_attention_decode(
     # line up with the values, as the near range starts where the far range ends) cost about one plain attention,
     # while two flash-kernel calls plus a log-sum-exp merge were ~1.6x slower on CPU for a 4096-token cache. At this
     # size every kernel launch counts, so no-op casts and scalings are skipped.
+    # (batched matrix products on [B * Hkv, ...] views: torch.matmul's 4-d broadcasting costs several extra launches)
     b, h, _, d = queries.shape
     hkv = v.shape[1]
-    rows = queries.reshape(b, hkv, h // hkv, 2, d)
-    s = torch.cat([torch.matmul(rows[:, :, :, 1], k_far.mT), torch.matmul(rows[:, :, :, 0], k_near.mT)], dim=-1)
+    rows = queries.reshape(b * hkv, h // hkv, 2, d)
+    s = torch.cat([torch.bmm(rows[:, :, 1], k_far.flatten(0, 1).mT), torch.bmm(rows[:, :, 0], k_near.flatten(0, 1).mT)],
+                  dim=-1)  # fmt: skip
     dt = _compute_dtype(s.dtype)
     if s.dtype != dt:
         s = s.to(dt)
@@ -535,11 +537,11 @@ def two_part_attention_decode(
         s = s * scale
     if key_valid is not None:
         # finite fill: a padding row that sees no key gets a harmless uniform row instead of NaN
-        s = s.masked_fill(~key_valid.view(b, 1, 1, kv), torch.finfo(dt).min)
+        s = s.view(b, -1, kv).masked_fill(~key_valid.view(b, 1, kv), torch.finfo(dt).min).view(b * hkv, -1, kv)
     p = torch.softmax(s, dim=-1)
     if p.dtype != v.dtype:
         p = p.to(v.dtype)
-    return torch.matmul(p, v).view(b, h, 1, v.shape[-1])
+    return torch.bmm(p, v.flatten(0, 1)).view(b, h, 1, v.shape[-1])
 
 
 def _decode_with_kernels(queries, k_near, k_far, v, start: int, end: int, scale: float, key_valid, mask) -> Tensor:

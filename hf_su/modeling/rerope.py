@@ -583,7 +583,7 @@ class _Tables:
             if (kind,) not in self._memo:
                 self._memo[kind,] = self.rotations[:, 0 if kind == "near" else 2]
             b, hkv, _, d = key.shape
-            return torch.bmm(key[:, :, start].reshape(b, hkv, d), self._memo[kind,]).view(b, hkv, 1, d)
+            return torch.bmm(key[:, :, start], self._memo[kind,]).view(b, hkv, 1, d)
         if (kind, start, end) not in self._memo:
             first = torch.tensor(self.first_key_positions, device=key.device).unsqueeze(1)
             positions = first + torch.arange(start, end, device=key.device)
