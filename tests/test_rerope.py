@@ -244,7 +244,8 @@ def test_incremental_decoding_equals_full_recomputation(make_tiny_model, arch, m
 def test_decoding_reuses_rotated_keys_only_while_the_cache_holds_them(make_tiny_model, monkeypatch, mode):
     """Steady decoding rotates only the newest near / far key per layer (earlier rotations are kept), and after
     cropping, reordering the batch or a step of the inner model (no hooks) nothing stale is reused: every step
-    matches the float64 reference; the kept rotations go away with the cache."""
+    matches the float64 reference (also across blocks of precomputed row rotations); the kept rotations go away
+    with the cache."""
     import gc
 
     from hf_su.modeling import rerope
@@ -260,6 +261,8 @@ def test_decoding_reuses_rotated_keys_only_while_the_cache_holds_them(make_tiny_
         return rotate_keys(self, key, kind, start, end)
 
     monkeypatch.setattr(rerope._Tables, "rotate_keys", counting)
+    # rotation matrices for 3 positions per block (2 rows, fp64, head_dim 16): decoding crosses block boundaries
+    monkeypatch.setattr(rerope, "_ROTATION_BLOCK_BYTES", 3 * 2 * 3 * 16 * 16 * 8)
     ids, other = _ids(2, SEQ), _ids(2, SEQ, seed=7)
 
     def step(cache, seq, through=model):

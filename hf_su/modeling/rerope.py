@@ -548,7 +548,7 @@ class _Tables:
     """Everything one forward pass needs that is the same for all layers of a layer type: cos/sin tables
     ``(cos, sin)`` for queries and keys (near and far), the log-n scale and the key padding."""
 
-    q: tuple[Tensor, Tensor]  # decoding (one query): rows near, far stacked
+    q: tuple[Tensor, Tensor] | None  # (None when decoding: see rotations)
     k: tuple[Tensor, Tensor] | None  # all keys, except in ReRoPE layers: the near range only (None when decoding)
     q_far: tuple[Tensor, Tensor] | None = None
     k_far: tuple[Tensor, Tensor] | None = None  # the far range only; None: far keys stay raw (ReRoPE)
@@ -558,6 +558,8 @@ class _Tables:
     # decoding: rotation matrices [B, 3, D, D] of the near query, the far query and the key that just became far
     # (the key that just became near sits at the query's position), cos/sin tables of other key ranges on demand
     rotations: Tensor | None = None
+    block: _RotationBlock | None = None  # where the rotations come from: block.rotations[:, block_offset]
+    block_offset: int = 0
     raw_far_keys: bool = False  # ReRoPE: far keys are used as cached
     kv_len: int = 0
     window: int = 0
@@ -568,13 +570,8 @@ class _Tables:
 
     def query_rotation(self, scale: float) -> Tensor:
         """``[B, D, 2D]``: ``query [B, H, D] @ it`` gives the near and far query rows side by side, times the
-        score scale and the log-n scale (folded in here once per step instead of scaling scores in every layer)."""
-        if ("query", scale) not in self._memo:
-            rows = self.rotations[:, :2] * scale
-            if self.log_n is not None:
-                rows = rows * self.log_n.view(-1, 1, 1, 1).to(rows.dtype)
-            self._memo["query", scale] = torch.cat([rows[:, 0], rows[:, 1]], dim=-1)
-        return self._memo["query", scale]
+        score scale and the log-n scale (folded in once instead of scaling scores in every layer)."""
+        return self.block.query_rotation(scale)[:, self.block_offset]
 
     def rotate_keys(self, key: Tensor, kind: str, start: int, end: int) -> Tensor:
         """Keys ``[start, end)`` of a decoding step rotated to their ``kind`` ("near" / "far") positions."""
@@ -601,7 +598,7 @@ class _Rope:
     def __init__(self, rotary: nn.Module, layer_type: str | None):
         self.rotary, self.layer_type = rotary, layer_type
         self._cache: dict[bool, tuple[tuple[Any, ...], _Tables]] = {}
-        self._rows: tuple[tuple[Any, ...], Tensor] | None = None  # decoding rows by position, see _decoding_rows
+        self._block: _RotationBlock | None = None  # decoding rotations of upcoming positions, see _rotation_block
 
     def __call__(self, like: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         # .forward, not the module: the patch's hook on the module hides the real cos/sin from everyone else
@@ -655,7 +652,7 @@ class _Rope:
             tables.q_far = self(query, far_queries)
             tables.k_far = None if far_key_map is None else self(query, far_key_map(key_positions[:, :end]))
         tables.valid = valid
-        if settings.log_scale_base is not None:
+        if settings.log_scale_base is not None and q_len > 1:  # (decoding folds it into the query rotation)
             tables.log_n = log_n_scale(positions, settings.log_scale_base).to(query.dtype)[:, None, :, None]
         return tables
 
@@ -663,28 +660,57 @@ class _Rope:
         """The rows a decoding step rotates (near query, far query, newest far key) as matrices; the few other keys
         it may need get tables on demand."""
         values = positions.view(-1).tolist()
-        cos, sin = self._decoding_rows(query, positions, values, settings, far_key_map)
-        tables = _Tables(q=(cos, sin), k=None, raw_far_keys=far_key_map is None, kv_len=kv_len, window=settings.window)
-        tables.rotations = rotation_matrices(cos, sin, query.shape[-1])
+        block, offset = self._rotation_block(query, positions, values, settings, far_key_map)
+        tables = _Tables(q=None, k=None, raw_far_keys=far_key_map is None, kv_len=kv_len, window=settings.window)
+        tables.block, tables.block_offset, tables.rotations = block, offset, block.rotations[:, offset]
         tables.first_key_positions = tuple(v - (kv_len - 1) for v in values)
         tables.far_key_map, tables.rope = far_key_map, partial(self, query)
         return tables
 
-    def _decoding_rows(self, like: Tensor, positions: Tensor, values: list[int], settings: ReRoPESettings, far_key_map):
-        """cos/sin ``[B, 3, R]`` of the decoding rows for query positions ``[B, 1]`` (``values`` as a list), looked up
-        in a table made for a range of positions at once (rebuilt, twice as long, when a position passes its end): a
-        rotary call per step costs more than the attention arithmetic of a small model. The table is tied to the
-        rotary module's buffers (address and version counter), so moving or editing them rebuilds it."""
-        if min(values) < 0:
-            return self(like, _decoding_row_positions(positions, settings, far_key_map))
+    def _rotation_block(self, like: Tensor, positions: Tensor, values: list[int], settings: ReRoPESettings,
+                        far_key_map) -> tuple[_RotationBlock, int]:  # fmt: skip
+        """The block holding this step's rotation matrices and the offset of the step in it. Blocks are made for as
+        many upcoming positions as fit in ``_ROTATION_BLOCK_BYTES`` (a rotary call and the matrices per step cost
+        more than the attention arithmetic of a small model) and tied to the rotary module's buffers (address and
+        version counter: moving or editing them makes a new block)."""
         buffers = tuple((b.data_ptr(), _version(b)) for b in self.rotary._buffers.values() if b is not None)
-        key = (like.dtype, like.device, far_key_map is None, buffers)
-        if self._rows is None or self._rows[0] != key or max(values) >= self._rows[1].shape[0]:
-            table_positions = torch.arange(max(256, 2 * (max(values) + 1)), device=like.device).unsqueeze(1)
-            cos, sin = self(like, _decoding_row_positions(table_positions, settings, far_key_map))
-            self._rows = (key, torch.stack([cos, sin], dim=1))  # [N, 2, 3, R]: one lookup per step
-        rows = self._rows[1].index_select(0, positions.view(-1))
-        return rows[:, 0], rows[:, 1]
+        key = (like.dtype, like.device, like.shape[-1], far_key_map is None, buffers)
+        block = self._block
+        if block is not None and block.key == key and len(values) == len(block.starts):
+            offset = values[0] - block.starts[0]
+            if 0 <= offset < block.rotations.shape[1] and all(v - s == offset for v, s in zip(values, block.starts)):
+                return block, offset
+        d = like.shape[-1]
+        count = max(1, _ROTATION_BLOCK_BYTES // (len(values) * 3 * d * d * like.element_size()))
+        upcoming = (positions + torch.arange(count, device=positions.device)).reshape(-1, 1)
+        cos, sin = self(like, _decoding_row_positions(upcoming, settings, far_key_map))
+        rotations = rotation_matrices(cos, sin, d).view(len(values), count, 3, d, d)
+        log_n = None
+        if settings.log_scale_base is not None:
+            log_n = log_n_scale(upcoming.view(len(values), count), settings.log_scale_base).to(like.dtype)
+        self._block = _RotationBlock(key, tuple(values), rotations, log_n)
+        return self._block, 0
+
+
+_ROTATION_BLOCK_BYTES = 1 << 20
+
+
+class _RotationBlock:
+    """Rotation matrices ``[B, P, 3, D, D]`` of the decoding rows (near query, far query, newest far key) for ``P``
+    consecutive positions from ``starts`` (per row), and the log-n query scales ``[B, P]``."""
+
+    def __init__(self, key: tuple[Any, ...], starts: tuple[int, ...], rotations: Tensor, log_n: Tensor | None):
+        self.key, self.starts, self.rotations, self.log_n = key, starts, rotations, log_n
+        self._queries: dict[float, Tensor] = {}
+
+    def query_rotation(self, scale: float) -> Tensor:
+        """``[B, P, D, 2D]``: near and far query rotations side by side, times ``scale`` and the log-n scale."""
+        if scale not in self._queries:
+            rows = self.rotations[:, :, :2] * scale
+            if self.log_n is not None:
+                rows = rows * self.log_n[:, :, None, None, None]
+            self._queries[scale] = torch.cat([rows[:, :, 0], rows[:, :, 1]], dim=-1)
+        return self._queries[scale]
 
 
 def _decoding_row_positions(positions: Tensor, settings: ReRoPESettings, far_key_map) -> Tensor:
