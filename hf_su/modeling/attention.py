@@ -62,6 +62,7 @@ class Rotated:
         return apply_rotary(self.x[:, :, start:end], self.cos[..., start:end, :], self.sin[..., start:end, :])
 
     def materialize(self) -> Tensor:
+        """All tokens rotated (what autograd and the flash-attn path take)."""
         return apply_rotary(self.x, self.cos, self.sin)
 
 
@@ -523,8 +524,8 @@ def two_part_attention_decode(
     # A single query row is a matrix-vector product: two matmuls and one softmax over the [far | near] scores (which
     # line up with the values, as the near range starts where the far range ends) cost about one plain attention,
     # while two flash-kernel calls plus a log-sum-exp merge were ~1.6x slower on CPU for a 4096-token cache. At this
-    # size every kernel launch counts, so no-op casts and scalings are skipped.
-    # (batched matrix products on [B * Hkv, ...] views: torch.matmul's 4-d broadcasting costs several extra launches)
+    # size every kernel launch counts: bmm on [B * Hkv, ...] views (torch.matmul's 4-d broadcasting adds launches),
+    # no no-op casts or scalings.
     b, h, _, d = queries.shape
     hkv = v.shape[1]
     rows = queries.reshape(b * hkv, h // hkv, 2, d)

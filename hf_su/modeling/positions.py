@@ -107,7 +107,7 @@ def _rotation_patterns(
     dim: int, rot: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Constant ``[dim, dim]`` patterns: identity, and the signed rotate-half partner of each output feature
-    (``out_o = x_o cos_o + x_partner(o) sign(o) sin_o``); made once, as decoding builds matrices every step."""
+    (``out_o = x_o cos_o + x_partner(o) sign(o) sin_o``); made once, as decoding builds matrices again and again."""
     half = rot // 2
     idx = torch.arange(half, device=device)
     partner = torch.zeros(dim, dim, dtype=dtype, device=device)

@@ -17,6 +17,11 @@ How the patch plugs into transformers (5.x), without touching any modeling class
 
 Positions come from ``position_ids``; cached keys are the most recent ones (as in ``DynamicCache``, including its
 sliding layers), so key ``j`` of ``kv`` sits ``kv - 1 - j`` tokens before the last query.
+
+Decoding (one new token) does per layer what one plain attention does, plus small matrix products: the positions
+keys are rotated to do not depend on the query, so the near keys (and Leaky ReRoPE's far keys) are rotated once and
+kept per cache (:class:`_RotatedKeys`, checked against the cache before every step), the query's rotations come
+from matrices made for a block of upcoming positions, and ReRoPE's far keys are the cached raw keys.
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -176,8 +180,8 @@ def patch_rerope(
 
     hooks = [
         rotary.register_forward_hook(_unrotated_rotary_output),
-        model.register_forward_pre_hook(partial(_before_forward, decoding), with_kwargs=True),
-        model.register_forward_hook(partial(_after_forward, decoding), always_call=True),
+        model.register_forward_pre_hook(functools.partial(_before_forward, decoding), with_kwargs=True),
+        model.register_forward_hook(functools.partial(_after_forward, decoding), always_call=True),
     ]
     for module, layer_state in states.items():
         setattr(module, _STATE_ATTRIBUTE, layer_state)
@@ -634,7 +638,7 @@ class _Rope:
         _check_causal_mask(attention_mask, valid, q_len, kv_len)
         _check_contiguous(positions, None if valid is None else valid[:, -q_len:])
         if settings.leaky is not None:
-            far_key_map = partial(far_key_positions, leaky=settings.leaky)
+            far_key_map = functools.partial(far_key_positions, leaky=settings.leaky)
         elif not state.identity_at_zero:  # rope types that scale cos/sin scale the raw far keys too
             far_key_map = torch.zeros_like
         else:
@@ -664,7 +668,7 @@ class _Rope:
         tables = _Tables(q=None, k=None, raw_far_keys=far_key_map is None, kv_len=kv_len, window=settings.window)
         tables.block, tables.block_offset, tables.rotations = block, offset, block.rotations[:, offset]
         tables.first_key_positions = tuple(v - (kv_len - 1) for v in values)
-        tables.far_key_map, tables.rope = far_key_map, partial(self, query)
+        tables.far_key_map, tables.rope = far_key_map, functools.partial(self, query)
         return tables
 
     def _rotation_block(self, like: Tensor, positions: Tensor, values: list[int], settings: ReRoPESettings,
