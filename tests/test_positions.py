@@ -265,10 +265,13 @@ def _cos_sin(positions: torch.Tensor, rot: int, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("rot", [8, 4])
-def test_rotation_matrices_rotate_like_apply_rotary(rot):
+def test_rotation_matrices_and_rotation_into_a_buffer_rotate_like_apply_rotary(rot):
     x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
     cos, sin = _cos_sin(torch.tensor([[0.0, 1.5, 7.0, 30.0, 2.25]] * 2), rot)
     expected = apply_rotary(x, cos, sin)
+    out = torch.empty_like(x)
+    assert apply_rotary(x, cos, sin, out=out) is out
+    torch.testing.assert_close(out, expected, rtol=1e-15, atol=1e-15)
     torch.testing.assert_close(torch.matmul(x.unsqueeze(-2), rotation_matrices(cos, sin, 8).unsqueeze(1)).squeeze(-2),
                                expected, rtol=1e-14, atol=1e-14)  # fmt: skip
 

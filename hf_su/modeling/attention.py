@@ -57,9 +57,10 @@ class Rotated:
     def shape(self) -> torch.Size:
         return self.x.shape
 
-    def rows(self, start: int, end: int) -> Tensor:
-        """The rotated tokens ``[start, end)``."""
-        return apply_rotary(self.x[:, :, start:end], self.cos[..., start:end, :], self.sin[..., start:end, :])
+    def rows(self, start: int, end: int, out: Tensor | None = None) -> Tensor:
+        """The rotated tokens ``[start, end)`` (written into ``out`` if given)."""
+        cos, sin = self.cos[..., start:end, :], self.sin[..., start:end, :]
+        return apply_rotary(self.x[:, :, start:end], cos, sin, out=out)
 
     def materialize(self) -> Tensor:
         """All tokens rotated (what autograd and the flash-attn path take)."""
@@ -284,21 +285,27 @@ def _far_chunks(m: int) -> list[tuple[int, int]]:
     return [(s, min(s + FAR_CHUNK, m)) for s in range(0, m, FAR_CHUNK)]
 
 
-def _rows(x: Tensor | Rotated, start: int, end: int) -> Tensor:
-    return x.rows(start, end) if isinstance(x, Rotated) else x[:, :, start:end]
+def _row_reader(x: Tensor | Rotated, size: int) -> Callable[[int, int], Tensor]:
+    """Tokens ``[start, end)`` of ``x``: views of a tensor, or, for a :class:`Rotated`, rotated into one buffer of
+    ``size`` tokens reused from chunk to chunk (fewer, steadier allocations: a lower memory peak)."""
+    if isinstance(x, Tensor):
+        return lambda start, end: x[:, :, start:end]
+    buffer = x.x.new_empty(*x.x.shape[:2], size, x.x.shape[3])
+    return lambda start, end: x.rows(start, end, out=buffer[:, :, : end - start])
 
 
 def _two_part_forward(kernel: _Kernel, q_near, k_near, q_far, k_far, v, window: int, scale: float):
     n, w = q_near.shape[2], window
     out, lse = _near_forward(kernel, q_near, k_near, v, w, scale)
+    if n <= w:
+        return out, lse
+    q_rows, k_rows = _row_reader(q_far, min(FAR_CHUNK, n - w)), _row_reader(k_far, min(FAR_CHUNK, n - w))
     for s, e in _far_chunks(n - w):
-        rows = _rows(q_far, w + s, w + e)
-        part, part_lse = kernel.forward(rows, _rows(k_far, s, e), v[:, :, s:e], True, None, scale)
+        rows = q_rows(w + s, w + e)
+        part, part_lse = kernel.forward(rows, k_rows(s, e), v[:, :, s:e], True, None, scale)
         # the fully visible keys [0, s): one call on a tensor, chunk by chunk when they are rotated on the fly
         for a, b in [(0, s)] if s and isinstance(k_far, Tensor) else _far_chunks(s):
-            merge_attention_parts(
-                part, part_lse, *kernel.forward(rows, _rows(k_far, a, b), v[:, :, a:b], False, None, scale)
-            )
+            merge_attention_parts(part, part_lse, *kernel.forward(rows, k_rows(a, b), v[:, :, a:b], False, None, scale))
         merge_attention_parts(out[:, :, w + s : w + e], lse[:, :, w + s : w + e], part, part_lse)
     return out, lse
 

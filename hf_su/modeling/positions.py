@@ -68,17 +68,27 @@ def log_n_scale(positions: torch.Tensor, base: int | float) -> torch.Tensor:
     return torch.clamp(torch.log1p(pos.clamp(min=0)) / math.log(base), min=1.0)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rotate ``x`` (``[B, H, n, D]``) by ``cos``/``sin`` (``[B, n, R]`` or ``[n, R]``), R <= D (partial rotary).
 
     The first ``R`` features are rotated, the rest pass through, exactly as Hugging Face's ``apply_rotary_pos_emb``
-    of llama/phi3/gpt_neox-style models does, so results match the unpatched model bit for bit.
+    of llama/phi3/gpt_neox-style models does, so results match the unpatched model bit for bit. With ``out`` (shaped
+    like ``x``) the result is written there without temporaries (for rotating chunk after chunk into one buffer).
     """
     rot = cos.shape[-1]
     if rot > x.shape[-1] or rot % 2:
         raise ValueError(f"rotary dimension {rot} does not fit head dimension {x.shape[-1]}")
     if cos.dim() == 3:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    if out is not None:
+        half = rot // 2
+        torch.mul(x[..., :rot], cos, out=out[..., :rot])
+        out[..., :half].addcmul_(x[..., half:rot], sin[..., :half], value=-1)
+        out[..., half:rot].addcmul_(x[..., :half], sin[..., half:])
+        out[..., rot:] = x[..., rot:]
+        return out
     if rot == x.shape[-1]:
         return _rotate(x, cos, sin)
     x_rot, x_pass = x[..., :rot], x[..., rot:]
