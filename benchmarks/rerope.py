@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from benchmarks.harness import Report, Timing, bench_parser, peak_memory
-from hf_su.modeling.attention import two_part_attention
+from hf_su.modeling.attention import Rotated, two_part_attention
 from hf_su.modeling.positions import apply_rotary, far_key_positions, far_query_positions
 
 HEADS, HEAD_DIM, WINDOW, LEAKY = 8, 64, 512, 16.0
@@ -71,9 +71,11 @@ def make_prefill_case(
         q_rot, k_rot = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if impl == "sdpa":
             return torch.nn.functional.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=True)
-        q_far = apply_rotary(q, cos_fq, sin_fq)
-        k_far = k if cos_fk is None else apply_rotary(k, cos_fk, sin_fk)
+        # ours rotates the far operands chunk by chunk inside the attention (materialised when training)
+        q_far = Rotated(q, cos_fq, sin_fq)
+        k_far = k if cos_fk is None else Rotated(k, cos_fk, sin_fk)
         if impl == "naive":  # the reference implementation's scheme: two dense n x n score matrices
+            q_far, k_far = q_far.materialize(), k_far if cos_fk is None else k_far.materialize()
             i, j = pos[:, None], pos[None, :]
             s = torch.where(i - j < window, q_rot @ k_rot.transpose(-1, -2), q_far @ k_far.transpose(-1, -2))
             s = (s * scale).masked_fill(j > i, float("-inf"))

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from hf_su.modeling.attention import (
+    Rotated,
     merge_attention_parts,
     near_far_ranges,
     two_part_attention,
+    two_part_attention_decode,
     two_part_attention_dense,
 )
 from hf_su.modeling.positions import (
@@ -19,6 +21,7 @@ from hf_su.modeling.positions import (
     far_query_positions,
     log_n_scale,
     rerope_distance,
+    rotation_matrices,
 )
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -252,3 +255,76 @@ def test_two_part_attention_with_several_kernel_calls_per_row(monkeypatch, group
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     for g, e in zip(torch.autograd.grad(out, tensors, grad_out), expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+def _cos_sin(positions: torch.Tensor, rot: int, dtype=torch.float64):
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot))
+    ang = positions.to(torch.float64)[..., None] * inv_freq
+    emb = torch.cat([ang, ang], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@pytest.mark.parametrize("rot", [8, 4])
+def test_rotation_matrices_and_rotation_into_a_buffer_rotate_like_apply_rotary(rot):
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    cos, sin = _cos_sin(torch.tensor([[0.0, 1.5, 7.0, 30.0, 2.25]] * 2), rot)
+    expected = apply_rotary(x, cos, sin)
+    out = torch.empty_like(x)
+    assert apply_rotary(x, cos, sin, out=out) is out
+    torch.testing.assert_close(out, expected, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(torch.matmul(x.unsqueeze(-2), rotation_matrices(cos, sin, 8).unsqueeze(1)).squeeze(-2),
+                               expected, rtol=1e-14, atol=1e-14)  # fmt: skip
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("chunk", [4, 64])
+def test_far_operands_rotated_on_the_fly_equal_rotated_tensors(monkeypatch, grad, chunk):
+    """Leaky-style far operands given as ``Rotated`` (rotated chunk by chunk, several key chunks per row chunk)
+    give the attention of the rotated tensors, and its gradients with respect to the raw tensors."""
+    from hf_su.modeling import attention
+
+    monkeypatch.setattr(attention, "FAR_CHUNK", chunk)
+    n, window = 29, 6
+    q_near, k_near, q_raw, k_raw, v = _inputs(n, torch.float64)
+    pos = torch.arange(n)
+    cos_q, sin_q = _cos_sin(far_query_positions(pos, window, 4.0), 8)
+    cos_k, sin_k = _cos_sin(far_key_positions(pos, 4.0), 8)
+    expected = _naive_two_part(
+        q_near, k_near, apply_rotary(q_raw, cos_q, sin_q), apply_rotary(k_raw, cos_k, sin_k), v, window, 0.3
+    )
+    with torch.set_grad_enabled(grad):
+        out = two_part_attention(
+            q_near, k_near, Rotated(q_raw, cos_q, sin_q), Rotated(k_raw, cos_k, sin_k), v, window=window, scale=0.3
+        )
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    assert out.requires_grad == grad
+    if grad:
+        grad_out = torch.randn_like(expected)
+        tensors = (q_near, k_near, q_raw, k_raw, v)
+        for g, e in zip(torch.autograd.grad(out, tensors, grad_out), torch.autograd.grad(expected, tensors, grad_out)):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize(("n", "window"), [(30, 7), (6, 9)])
+def test_decoding_attention_matches_reference(dtype, padded, n, window):
+    """One query against a cache (matmul path for fp32/fp64, CPU kernels for bf16), with left padding."""
+    q_near, k_near, q_far, k_far, v = (t.detach() for t in _inputs(n, torch.float64))
+    valid = torch.ones(2, n, dtype=torch.bool)
+    if padded:
+        valid[1, :4] = False  # left padding of row 1: the reference drops those keys
+    scale, rows = 0.3, []
+    for b in range(2):
+        keep = valid[b]
+        part = [t[b : b + 1, :, keep] for t in (q_near, k_near, q_far, k_far, v)]
+        rows.append(_naive_two_part(*part, window, scale)[:, :, -1:])
+    expected = torch.cat(rows)
+    start, end = near_far_ranges(1, n, window)
+    queries = torch.cat([q_near[:, :, -1:], q_far[:, :, -1:]], dim=2)
+    out = two_part_attention_decode(
+        queries.to(dtype), k_near[:, :, start:].to(dtype), k_far[:, :, :end].to(dtype), v.to(dtype), window=window,
+        scale=scale, key_valid=valid if padded else None,
+    )  # fmt: skip
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)

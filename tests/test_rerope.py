@@ -240,6 +240,71 @@ def test_incremental_decoding_equals_full_recomputation(make_tiny_model, arch, m
             _assert_close(out.logits[:, 0], full[:, t], torch.float64)
 
 
+@pytest.mark.parametrize("mode", ["rerope", "leaky-logn"])
+def test_decoding_reuses_rotated_keys_only_while_the_cache_holds_them(make_tiny_model, monkeypatch, mode):
+    """Steady decoding rotates only the newest near / far key per layer (earlier rotations are kept), and after
+    cropping, reordering the batch or a step of the inner model (no hooks) nothing stale is reused: every step
+    matches the float64 reference (also across blocks of precomputed row rotations); the kept rotations go away
+    with the cache."""
+    import gc
+
+    from hf_su.modeling import rerope
+
+    model = make_tiny_model("llama", dtype=torch.float64)
+    ref = NaiveReRoPE(model, WINDOW, **MODES[mode])
+    patch_rerope(model, WINDOW, **MODES[mode])
+    rotated_counts = []
+    rotate_keys = rerope._Tables.rotate_keys
+
+    def counting(self, key, kind, start, end):
+        rotated_counts.append(end - start)
+        return rotate_keys(self, key, kind, start, end)
+
+    monkeypatch.setattr(rerope._Tables, "rotate_keys", counting)
+    # rotation matrices for 3 positions per block (2 rows, fp64, head_dim 16): decoding crosses block boundaries
+    monkeypatch.setattr(rerope, "_ROTATION_BLOCK_BYTES", 3 * 2 * 3 * 16 * 16 * 8)
+    ids, other = _ids(2, SEQ), _ids(2, SEQ, seed=7)
+
+    def step(cache, seq, through=model):
+        rotated_counts.clear()
+        logits = through(seq[:, -1:], cache=cache, use_cache=True)
+        if through is model:
+            _assert_close(logits.logits[:, -1], ref.model(seq).logits[:, -1], torch.float64)
+        return max(rotated_counts)
+
+    with torch.no_grad():
+        cache = model(ids[:, :8], use_cache=True).past_key_values
+        assert step(cache, ids[:, :9]) > 1  # the first decoding step rotates from scratch
+        assert all(step(cache, ids[:, : t + 1]) == 1 for t in range(9, 15))
+        cache.crop(-3)  # back to 12 tokens, then other tokens: the kept prefix is reused
+        seq = torch.cat([ids[:, :12], other[:, 12:]], dim=1)
+        assert all(step(cache, seq[:, : t + 1]) == 1 for t in range(12, 15))
+        cache.reorder_cache(torch.tensor([1, 0]))  # beams reordered: rotate from scratch
+        seq = seq.flip(0)
+        assert step(cache, seq[:, :16]) > 1
+        step(cache, seq[:, :17], through=model.model)  # no hooks: nothing kept, nothing reused
+        assert step(cache, seq[:, :18]) > 1
+        assert all(step(cache, seq[:, : t + 1]) == 1 for t in range(18, SEQ))
+    decoding = model.model.layers[0].self_attn._hf_su_rerope.decoding
+    assert len(decoding.rotated) == 1
+    del cache
+    gc.collect()
+    assert len(decoding.rotated) == 0
+
+
+def test_generate_under_inference_mode_equals_no_grad(make_tiny_model):
+    """Inference tensors carry no version counter: the patch must still run (and give the same tokens)."""
+    model = patch_rerope(make_tiny_model("llama", dtype=torch.float64), WINDOW, leaky=LEAKY)
+    kwargs = dict(max_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        expected = model.generate(_ids(2, 9), **kwargs)
+    with torch.inference_mode():
+        out = model.generate(_ids(2, 9), **kwargs)
+    assert torch.equal(out.sequences, expected.sequences)
+    for a, b in zip(out.logits, expected.logits):
+        _assert_close(a, b, torch.float64)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_left_padded_batched_generate_equals_per_sequence(make_tiny_model, arch):
     model = patch_rerope(make_tiny_model(arch, dtype=torch.float64), WINDOW, leaky=LEAKY, log_scale_base=LOG_BASE)

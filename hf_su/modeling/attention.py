@@ -33,8 +33,42 @@ from dataclasses import dataclass
 import torch
 
 from ..capabilities import flash_attn_available
+from .positions import apply_rotary
 
 Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Rotated:
+    """``x [B, H, n, D]`` rotated by ``cos``/``sin`` (``[B, n, R]`` or ``[n, R]``, see
+    :func:`~hf_su.modeling.positions.apply_rotary`), rotated only where and when used.
+
+    Passed as the far queries or keys of :func:`two_part_attention`, an inference prefill rotates them one chunk at a
+    time, so it never holds a full rotated copy next to the near-part ones (for Leaky ReRoPE that is two q/k-sized
+    tensors less at the peak). Keys are rotated once per far chunk of queries that sees them (a few times each at
+    most): O(n) work next to the O(n^2) attention.
+    """
+
+    x: Tensor
+    cos: Tensor
+    sin: Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.x.shape
+
+    def rows(self, start: int, end: int, out: Tensor | None = None) -> Tensor:
+        """The rotated tokens ``[start, end)`` (written into ``out`` if given)."""
+        cos, sin = self.cos[..., start:end, :], self.sin[..., start:end, :]
+        return apply_rotary(self.x[:, :, start:end], cos, sin, out=out)
+
+    def materialize(self) -> Tensor:
+        """All tokens rotated (what autograd and the flash-attn path take)."""
+        return apply_rotary(self.x, self.cos, self.sin)
+
+
+def _materialize(x: Tensor | Rotated) -> Tensor:
+    return x.materialize() if isinstance(x, Rotated) else x
 
 
 def merge_attention_parts(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
@@ -251,16 +285,27 @@ def _far_chunks(m: int) -> list[tuple[int, int]]:
     return [(s, min(s + FAR_CHUNK, m)) for s in range(0, m, FAR_CHUNK)]
 
 
+def _row_reader(x: Tensor | Rotated, size: int) -> Callable[[int, int], Tensor]:
+    """Tokens ``[start, end)`` of ``x``: views of a tensor, or, for a :class:`Rotated`, rotated into one buffer of
+    ``size`` tokens reused from chunk to chunk (fewer, steadier allocations: a lower memory peak)."""
+    if isinstance(x, Tensor):
+        return lambda start, end: x[:, :, start:end]
+    buffer = x.x.new_empty(*x.x.shape[:2], size, x.x.shape[3])
+    return lambda start, end: x.rows(start, end, out=buffer[:, :, : end - start])
+
+
 def _two_part_forward(kernel: _Kernel, q_near, k_near, q_far, k_far, v, window: int, scale: float):
     n, w = q_near.shape[2], window
     out, lse = _near_forward(kernel, q_near, k_near, v, w, scale)
+    if n <= w:
+        return out, lse
+    q_rows, k_rows = _row_reader(q_far, min(FAR_CHUNK, n - w)), _row_reader(k_far, min(FAR_CHUNK, n - w))
     for s, e in _far_chunks(n - w):
-        rows = q_far[:, :, w + s : w + e]
-        part, part_lse = kernel.forward(rows, k_far[:, :, s:e], v[:, :, s:e], True, None, scale)
-        if s:
-            merge_attention_parts(
-                part, part_lse, *kernel.forward(rows, k_far[:, :, :s], v[:, :, :s], False, None, scale)
-            )
+        rows = q_rows(w + s, w + e)
+        part, part_lse = kernel.forward(rows, k_rows(s, e), v[:, :, s:e], True, None, scale)
+        # the fully visible keys [0, s): one call on a tensor, chunk by chunk when they are rotated on the fly
+        for a, b in [(0, s)] if s and isinstance(k_far, Tensor) else _far_chunks(s):
+            merge_attention_parts(part, part_lse, *kernel.forward(rows, k_rows(a, b), v[:, :, a:b], False, None, scale))
         merge_attention_parts(out[:, :, w + s : w + e], lse[:, :, w + s : w + e], part, part_lse)
     return out, lse
 
@@ -323,7 +368,7 @@ def _flash_two_part_forward(q_near, k_near, q_far, k_far, v, window: int, scale:
     return out
 
 
-def _check_shapes(q_near: Tensor, k_near: Tensor, q_far: Tensor, k_far: Tensor, v: Tensor) -> None:
+def _check_shapes(q_near: Tensor, k_near: Tensor, q_far: Tensor | Rotated, k_far: Tensor | Rotated, v: Tensor) -> None:
     if q_near.dim() != 4 or q_near.shape != q_far.shape:
         raise ValueError(
             f"queries must be [B, H, n, D] of equal shapes, got {tuple(q_near.shape)}, {tuple(q_far.shape)}"
@@ -337,8 +382,8 @@ def _check_shapes(q_near: Tensor, k_near: Tensor, q_far: Tensor, k_far: Tensor, 
 def two_part_attention(
     q_near: Tensor,
     k_near: Tensor,
-    q_far: Tensor,
-    k_far: Tensor,
+    q_far: Tensor | Rotated,
+    k_far: Tensor | Rotated,
     v: Tensor,
     *,
     window: int,
@@ -353,8 +398,9 @@ def two_part_attention(
     Args:
         q_near: ``[B, H, n, D]`` queries for the near part.
         k_near: ``[B, Hkv, n, D]`` keys for the near part.
-        q_far: Queries for the far part (same shape as ``q_near``).
-        k_far: Keys for the far part (same shape as ``k_near``).
+        q_far: Queries for the far part (same shape as ``q_near``); a :class:`Rotated` is rotated chunk by chunk
+            when no gradient is needed (less memory), else in full.
+        k_far: Keys for the far part (same shape as ``k_near``); may be :class:`Rotated` too.
         v: ``[B, Hkv, n, Dv]`` values.
         window: The window ``w >= 1``.
         scale: Score scale (usually ``D ** -0.5``).
@@ -365,19 +411,23 @@ def two_part_attention(
         ``[B, H, n, Dv]`` attention output.
     """
     _check_shapes(q_near, k_near, q_far, k_far, v)
+    kernels = {"cpu": CPU_KERNEL, "math": MATH_KERNEL}
+    if kernel is not None and kernel not in kernels:
+        raise ValueError(f"kernel must be None, 'cpu' or 'math', got {kernel!r}")
+    tensors = [q_near, k_near, v] + [t.x if isinstance(t, Rotated) else t for t in (q_far, k_far)]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if kernel is None:
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_near, k_near, q_far, k_far, v))
         if (
             q_near.is_cuda
             and q_near.dtype in (torch.float16, torch.bfloat16)
             and not needs_grad
             and flash_attn_available()
         ):
-            return _flash_two_part_forward(q_near, k_near, q_far, k_far, v, window, scale)
+            return _flash_two_part_forward(q_near, k_near, _materialize(q_far), _materialize(k_far), v, window, scale)
         kernel = "cpu" if q_near.device.type == "cpu" else "math"
-    kernels = {"cpu": CPU_KERNEL, "math": MATH_KERNEL}
-    if kernel not in kernels:
-        raise ValueError(f"kernel must be None, 'cpu' or 'math', got {kernel!r}")
+    if not needs_grad:
+        return _two_part_forward(kernels[kernel], q_near, k_near, q_far, k_far, v, window, scale)[0]
+    q_far, k_far = _materialize(q_far), _materialize(k_far)
     return _TwoPartAttention.apply(q_near, k_near, q_far, k_far, v, window, scale, kernels[kernel])
 
 
@@ -461,13 +511,12 @@ def two_part_attention_decode(
     key_valid: Tensor | None = None,
     mask: tuple[Tensor | None, Tensor | None, Tensor | None] | None = None,
 ) -> Tensor:
-    """One new query (decoding) against a ``kv``-token cache, on CPU kernels without copying the cache.
+    """One new query (decoding) against a ``kv``-token cache, without copying the cache.
 
     ``queries [B, H, 2, D]`` holds the near query (row 0) and the far query (row 1) of the one new token; the near row
-    attends over ``k_near`` (the last keys, rotated), the far row over ``k_far`` (typically a view of the cached keys),
-    and the two are merged by their log-sum-exps. Otherwise the contract of :func:`two_part_attention_dense` with
-    ``q = 1``, to which it falls back off CPU. ``mask`` may carry :func:`decode_mask`'s result, computed once for all
-    layers of a decoding step.
+    attends over ``k_near`` (the last keys, rotated), the far row over ``k_far`` (typically a view of the cached keys).
+    Otherwise the contract of :func:`two_part_attention_dense` with ``q = 1``. ``mask`` may carry
+    :func:`decode_mask`'s result, computed once for all layers of a decoding step (used by half-precision CPU inputs).
 
     Returns:
         ``[B, H, 1, Dv]``.
@@ -476,11 +525,36 @@ def two_part_attention_decode(
     start = kv - k_near.shape[2]
     if queries.shape[2] != 2 or (start, end) != near_far_ranges(1, kv, window):
         raise ValueError(f"expected 2 query rows and keys split at {near_far_ranges(1, kv, window)}")
-    if queries.device.type != "cpu":
-        return two_part_attention_dense(
-            queries[:, :, :1], k_near, queries[:, :, 1:], k_far, v, window=window, scale=scale, key_valid=key_valid
-        )
-    near_mask, far_mask, lse_bias = decode_mask(kv, end, key_valid, queries.dtype) if mask is None else mask
+    if queries.device.type == "cpu" and queries.dtype not in (torch.float32, torch.float64):
+        # half precision: the CPU flash kernel accumulates scores in float32, a half matmul would round them
+        return _decode_with_kernels(queries, k_near, k_far, v, start, end, scale, key_valid, mask)
+    # A single query row is a matrix-vector product: two matmuls and one softmax over the [far | near] scores (which
+    # line up with the values, as the near range starts where the far range ends) cost about one plain attention,
+    # while two flash-kernel calls plus a log-sum-exp merge were ~1.6x slower on CPU for a 4096-token cache. At this
+    # size every kernel launch counts: bmm on [B * Hkv, ...] views (torch.matmul's 4-d broadcasting adds launches),
+    # no no-op casts or scalings.
+    b, h, _, d = queries.shape
+    hkv = v.shape[1]
+    rows = queries.reshape(b * hkv, h // hkv, 2, d)
+    s = torch.cat([torch.bmm(rows[:, :, 1], k_far.flatten(0, 1).mT), torch.bmm(rows[:, :, 0], k_near.flatten(0, 1).mT)],
+                  dim=-1)  # fmt: skip
+    dt = _compute_dtype(s.dtype)
+    if s.dtype != dt:
+        s = s.to(dt)
+    if scale != 1.0:
+        s = s * scale
+    if key_valid is not None:
+        # finite fill: a padding row that sees no key gets a harmless uniform row instead of NaN
+        s = s.view(b, -1, kv).masked_fill(~key_valid.view(b, 1, kv), torch.finfo(dt).min).view(b * hkv, -1, kv)
+    p = torch.softmax(s, dim=-1)
+    if p.dtype != v.dtype:
+        p = p.to(v.dtype)
+    return torch.bmm(p, v.flatten(0, 1)).view(b, h, 1, v.shape[-1])
+
+
+def _decode_with_kernels(queries, k_near, k_far, v, start: int, end: int, scale: float, key_valid, mask) -> Tensor:
+    """The two decoding parts on the CPU flash kernel, merged by their log-sum-exps."""
+    near_mask, far_mask, lse_bias = decode_mask(v.shape[2], end, key_valid, queries.dtype) if mask is None else mask
     out_near, lse_near = CPU_KERNEL.forward(queries[:, :, :1], k_near, v[:, :, start:], False, near_mask, scale)
     if end == 0:
         return out_near

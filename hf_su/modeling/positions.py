@@ -12,6 +12,7 @@ window, positions whose difference is the re-mapped distance:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -67,21 +68,62 @@ def log_n_scale(positions: torch.Tensor, base: int | float) -> torch.Tensor:
     return torch.clamp(torch.log1p(pos.clamp(min=0)) / math.log(base), min=1.0)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rotate ``x`` (``[B, H, n, D]``) by ``cos``/``sin`` (``[B, n, R]`` or ``[n, R]``), R <= D (partial rotary).
 
     The first ``R`` features are rotated, the rest pass through, exactly as Hugging Face's ``apply_rotary_pos_emb``
-    of llama/phi3/gpt_neox-style models does, so results match the unpatched model bit for bit.
+    of llama/phi3/gpt_neox-style models does, so results match the unpatched model bit for bit. With ``out`` (shaped
+    like ``x``) the result is written there without temporaries (for rotating chunk after chunk into one buffer).
     """
     rot = cos.shape[-1]
     if rot > x.shape[-1] or rot % 2:
         raise ValueError(f"rotary dimension {rot} does not fit head dimension {x.shape[-1]}")
     if cos.dim() == 3:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    if out is not None:
+        half = rot // 2
+        torch.mul(x[..., :rot], cos, out=out[..., :rot])
+        out[..., :half].addcmul_(x[..., half:rot], sin[..., :half], value=-1)
+        out[..., half:rot].addcmul_(x[..., :half], sin[..., half:])
+        out[..., rot:] = x[..., rot:]
+        return out
     if rot == x.shape[-1]:
         return _rotate(x, cos, sin)
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     return torch.cat((_rotate(x_rot, cos, sin), x_pass), dim=-1)
+
+
+def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor, dim: int) -> torch.Tensor:
+    """The rotations of :func:`apply_rotary` as ``[..., n, dim, dim]`` matrices: ``x @ M == apply_rotary(x)`` up to
+    rounding, for a head dimension ``dim >= R`` (features beyond ``R`` pass through).
+
+    Rotating a handful of rows (a decoding step's query and newest keys) is then one small matmul instead of five
+    elementwise kernels, whose launch overhead dominates at that size.
+    """
+    rot = cos.shape[-1]
+    if rot > dim or rot % 2:
+        raise ValueError(f"rotary dimension {rot} does not fit head dimension {dim}")
+    if rot < dim:
+        cos = torch.cat([cos, cos.new_ones(*cos.shape[:-1], dim - rot)], dim=-1)
+        sin = torch.cat([sin, sin.new_zeros(*sin.shape[:-1], dim - rot)], dim=-1)
+    eye, partner = _rotation_patterns(dim, rot, cos.dtype, cos.device)
+    return eye * cos.unsqueeze(-2) + partner * sin.unsqueeze(-2)
+
+
+@functools.lru_cache(maxsize=32)
+def _rotation_patterns(
+    dim: int, rot: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Constant ``[dim, dim]`` patterns: identity, and the signed rotate-half partner of each output feature
+    (``out_o = x_o cos_o + x_partner(o) sign(o) sin_o``); made once, as decoding builds matrices again and again."""
+    half = rot // 2
+    idx = torch.arange(half, device=device)
+    partner = torch.zeros(dim, dim, dtype=dtype, device=device)
+    partner[idx + half, idx] = -1
+    partner[idx, idx + half] = 1
+    return torch.eye(dim, dtype=dtype, device=device), partner
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
