@@ -11,7 +11,7 @@ expressions generated from the task definition (no downloads), a 4-layer bidirec
 * self-pretrained (masked denoising, 10%), best checkpoint by validation loss, then the same fine-tuning.
 
 Defaults (4,000 train / 500 validation / 1,000 test expressions of 16-64 tokens, depth <= 3, 6 + 6 epochs, max
-pooling) run in under 20 minutes on 2 CPU cores and print a markdown table (also written as JSON with --json).
+pooling) run in about 5 minutes on 2 CPU cores and print a markdown table (also written as JSON with --json).
 
     python examples/listops_self_pretrain.py [--train-size 4000] [--pretrain-epochs 6] [--finetune-epochs 6]
 """
