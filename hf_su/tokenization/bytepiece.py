@@ -517,9 +517,12 @@ class BytePieceTokenizerFast(PreTrainedTokenizerFast):
         encodings = Tokenizer(self._tokenizer.model).encode_batch_fast(words, add_special_tokens=False)
         out = []
         for start, stop in zip(bounds, bounds[1:]):
+            if stop - start == 1:  # most texts are one chunk: take its list as is
+                out.append(encodings[start].ids)
+                continue
             ids: list[int] = []
             for encoding in encodings[start:stop]:
-                ids.extend(encoding.ids)
+                ids += encoding.ids
             out.append(ids)
         return out
 
@@ -550,10 +553,13 @@ class BytePieceTokenizerFast(PreTrainedTokenizerFast):
                     _utf8(item)  # a clear error for lone surrogates instead of the backend's "must be str"
             return super()._encode_plus(text, text_pair=text_pair, **kwargs)
         prefix, suffix = affixes
-        input_ids = [prefix + ids + suffix for ids in self._raw_ids(texts)]
+        input_ids = self._raw_ids(texts)
+        if prefix or suffix:
+            input_ids = [prefix + ids + suffix for ids in input_ids]
         max_length = kwargs.get("max_length")
-        for ids in input_ids:
-            self._eventual_warn_about_too_long_sequence(ids, max_length, kwargs.get("verbose", True))
+        if input_ids:  # the warning depends only on the longest sequence
+            longest = max(input_ids, key=len)
+            self._eventual_warn_about_too_long_sequence(longest, max_length, kwargs.get("verbose", True))
         return_tensors = kwargs.get("return_tensors")
         return self.pad(
             {"input_ids": input_ids if batched or return_tensors else input_ids[0]},
