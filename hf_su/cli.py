@@ -224,16 +224,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import os
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from .generation.healing import generate_healed
-    from .modeling import hwfa  # noqa: F401  (registers the attention implementation a saved HWFA llama names)
+    from .modeling.hwfa import load_causal_lm
 
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         return _fail(f"{args.model!r} is not a saved model folder (no config.json)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+        model = load_causal_lm(args.model).eval()
     except (OSError, ValueError) as err:
         return _fail(f"could not load {args.model!r}: {err}")
     if args.rerope_window:

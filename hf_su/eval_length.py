@@ -117,9 +117,9 @@ def load_for_method(
     dtype: torch.dtype | None = None,
 ) -> PreTrainedModel:
     """Load ``model_path`` and apply one method of :data:`METHODS`; raises ValueError for an unknown or unfit one."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from .modeling import hwfa  # noqa: F401  (registers the attention implementation a saved HWFA llama names)
+    from .modeling.hwfa import load_causal_lm
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -136,7 +136,7 @@ def load_for_method(
             params.update(rope_type="yarn", factor=factor, original_max_position_embeddings=train_length)
             overrides["max_position_embeddings"] = max(max_length, train_length)
         overrides["rope_parameters"] = params
-    model = AutoModelForCausalLM.from_pretrained(model_path, **overrides).eval()
+    model = load_causal_lm(model_path, **overrides).eval()
     if method == "hwfa_rerope" and not is_hwfa_model(model):
         raise ValueError("method 'hwfa_rerope' needs an HWFA model (built with hwfa_config)")
     if method in ("rerope", "hwfa_rerope"):
@@ -167,12 +167,15 @@ def evaluate_lengths(
 
     Every length is scored on the same text: the stream is first cut to ``max_windows`` windows of the longest length
     (fewer if it is shorter), and each length splits that span into its own windows, so a difference between
-    lengths comes from the context length, not from different text. ``methods=None`` takes every method that applies (``hwfa_rerope`` only for HWFA models); ``window`` defaults to
-    half the training length for ReRoPE (Su: 1/4 to 1/2 of it).
+    lengths comes from the context length, not from different text.
+
+    ``methods=None`` takes every method that applies: ``hwfa_rerope`` instead of ``rerope`` for HWFA models (there
+    the two are the same patch), ``rerope`` alone otherwise. ``window`` defaults to half the training length for
+    ReRoPE (Su: 1/4 to 1/2 of it).
     """
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     if not lengths or min(lengths) < 2:
         raise ValueError(f"lengths must be a non-empty list of integers >= 2, got {lengths}")
@@ -186,13 +189,10 @@ def evaluate_lengths(
     span = evaluation_windows(token_ids, longest, max_windows).numel()
     token_ids = token_ids[:span]
     if methods is None:
-        from .modeling import hwfa  # noqa: F401  (registers the attention implementation a saved HWFA llama names)
-
-        probe = AutoModelForCausalLM.from_pretrained(model_path)
         # on an HWFA model ReRoPE patches only the full layers: that is hwfa_rerope, listed once under that name
-        skip = "rerope" if is_hwfa_model(probe) else "hwfa_rerope"
+        hwfa = getattr(AutoConfig.from_pretrained(model_path), "hwfa", None) is not None
+        skip = "rerope" if hwfa else "hwfa_rerope"
         methods = [m for m in METHODS if m != skip]
-        del probe
     methods = list(methods)
     results = []
     jobs = [(method, length) for method in methods for length in lengths]

@@ -16,8 +16,8 @@ Where the structure lives, so that it is saved by ``save_pretrained``:
   Its window layers run a blocked sliding-window attention in O(n * window) time and memory (a dense n x n masked
   SDPA would be O(n^2)); its full layers run transformers' SDPA. Llama ignores ``sliding_window``, so a Llama HWFA
   model *needs* this implementation; its saved config names it (``"attn_implementation"``), and ``from_pretrained``
-  selects it by itself once hf_su has been imported (without hf_su, transformers refuses the unknown name instead
-  of silently running full attention). Two ways to lose it, both transformers behaviour: passing another
+  selects it by itself once this module has been imported, as :func:`load_causal_lm` and hf_su's evaluation and
+  generation do (without it, transformers refuses the unknown name instead of silently running full attention). Two ways to lose it, both transformers behaviour: passing another
   ``attn_implementation`` to ``from_pretrained``/``set_attn_implementation``, and saving a *reloaded* model again
   (transformers does not write the implementation name back; set ``model.config.attn_implementation =
   HWFA_ATTENTION`` before re-saving, or rebuild the config with :func:`hwfa_config`).
@@ -38,7 +38,7 @@ from transformers.masking_utils import sdpa_mask
 from .positions import log_n_scale
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig
+    from transformers import PretrainedConfig, PreTrainedModel
 
 __all__ = ["HWFA_ATTENTION", "hwfa_attention_forward", "hwfa_config", "sliding_window_attention"]
 
@@ -333,6 +333,17 @@ def _hwfa_mask(*args: Any, local_size: int | None = None, **kwargs: Any) -> torc
     # express (padding, packed sequences). Dropping local_size lets transformers return None in the plain causal case
     # instead of materialising an n x n band.
     return sdpa_mask(*args, **kwargs)
+
+
+def load_causal_lm(path: str, **kwargs: Any) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` in a process that knows :data:`HWFA_ATTENTION`.
+
+    Importing this module registers the implementation that a saved HWFA llama names, so such a model loads even
+    where nothing else of hf_su was imported (e.g. evaluating a model trained in another process).
+    """
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
 AttentionInterface.register(HWFA_ATTENTION, hwfa_attention_forward)
