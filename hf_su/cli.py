@@ -104,11 +104,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
         summary = train_causal_lm(settings)
     except PipelineError as err:
         return _fail(str(err))
+    finally:
+        _leave_process_group()
     print(
         f"saved {args.output_dir}: {summary['parameters'] / 1e6:.2f}M parameters, {summary['global_step']} steps, "
         f"eval loss {summary['eval_loss']:.4f}"
     )
     return 0
+
+
+def _leave_process_group() -> None:
+    """End a torchrun / accelerate launch run cleanly: ranks that exit with the process group still up can abort
+    in the backend's threads at interpreter shutdown ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # nobody tears down while another rank is still saving
+        dist.destroy_process_group()
 
 
 def _add_train(subparsers: argparse._SubParsersAction) -> None:

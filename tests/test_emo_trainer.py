@@ -336,6 +336,9 @@ trainer.train()
 if trainer.args.process_index == 0:
     assert trainer.args.world_size == 2
     torch.save({{"params": dict(model.named_parameters()), "logs": trainer.state.log_history[0]}}, {result!r})
+# exiting with the gloo group still up can abort a rank at shutdown ("terminate called without an active exception")
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
 """
 
 
