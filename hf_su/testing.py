@@ -134,3 +134,27 @@ def shared_data_path(name: str) -> str | None:
         if os.path.exists(path):
             return path
     return None
+
+
+# torch's gloo backend occasionally aborts a rank from one of its threads ("terminate called without an active
+# exception", SIGABRT) in a run that is otherwise fine; seen about once in eight 2-rank CPU runs with torch 2.13.
+_GLOO_ABORT = "terminate called without an active exception"
+
+
+def run_torchrun(args: list[str], *, nproc: int = 2, env: dict[str, str] | None = None, timeout: float = 600) -> str:
+    """Run ``python -m torch.distributed.run --standalone --nproc_per_node nproc *args``; return its stdout.
+
+    A run that fails only by gloo's spurious abort is retried once; any other failure raises ``AssertionError`` with
+    the tail of stderr.
+    """
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    for attempt in range(2):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        if proc.returncode == 0:
+            return proc.stdout
+        if _GLOO_ABORT not in proc.stderr or attempt == 1:
+            raise AssertionError(f"torchrun failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    raise AssertionError("unreachable")

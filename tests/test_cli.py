@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from hf_su.cli import main
 from hf_su.pipeline import SUMMARY_FILE, TrainSettings, split_documents, train_causal_lm
+from hf_su.testing import run_torchrun
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,25 +169,8 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     assert main(["train", "--output-dir", single, *flags, "--batch-size", "4"]) == 0
     ddp = str(tmp_path / "ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-        "-m",
-        "hf_su",
-        "train",
-        "--output-dir",
-        ddp,
-        *flags,
-        "--batch-size",
-        "2",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # --overwrite: a retried run (see run_torchrun) starts again from an empty folder
+    run_torchrun(["-m", "hf_su", "train", "--output-dir", ddp, *flags, "--batch-size", "2", "--overwrite"], env=env)
     expected, got = _weights(single), _weights(ddp)
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)

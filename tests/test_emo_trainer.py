@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainingArguments, default_data_collator
 
-from hf_su.testing import tiny_causal_lm
+from hf_su.testing import run_torchrun, tiny_causal_lm
 from hf_su.trainer.emo import emo_loss
 from hf_su.trainer.trainer import COST_EMBEDDING_FILE, EMOTrainer, load_cost_embedding
 
@@ -346,9 +346,6 @@ torch.distributed.destroy_process_group()
 def test_ddp_two_processes_equal_one_large_batch(tmp_path):
     """2 ranks × 2 micro-batches × 2 rows (different token counts per rank) give the single-process update of all
     8 rows: the loss is divided by the global token count and scaled back up for DDP's gradient averaging."""
-    import subprocess
-    import sys
-
     lr = 0.5
     worker = tmp_path / "worker.py"
     result = tmp_path / "result.pt"
@@ -359,9 +356,7 @@ def test_ddp_two_processes_equal_one_large_batch(tmp_path):
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
     }
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_torchrun([str(worker)], env=env, timeout=120)
 
     rows = _examples(8)
     model = tiny_causal_lm("llama", dtype=torch.float64).train()
