@@ -7,8 +7,8 @@ kexue_en.txt; found next to the repository or via --data-dir). Parts (each fits 
     python -m benchmarks.bytepiece --part train            # 5 MB, vocab sizes 10k/20k/40k
 
 Encode: ids are checked equal to the reference before timing. "one text" encodes a whole corpus file as one string;
-"batch" encodes its paragraphs (split on blank lines) in one call (ours: one parallel backend call over all cores;
-the reference has no batch API, so it loops). Train: both trainers use all cores (ours: workers=None; reference:
+"batch" encodes its paragraphs (split on blank lines) in one call (ours: the C segmenter on all cores, or the
+backend Unigram model when it is not built, see the table's title; the reference has no batch API, so it loops). Train: both trainers use all cores (ours: workers=None; reference:
 workers=os.cpu_count()). The reference runs Trainer.train's own steps, counting once and pruning each size from a
 fresh copy of the counts (a single-size run's time = counting + that size's pruning); the model files of both are
 compared byte for byte. Compression is bytes per token on held-out paragraphs (every 10th paragraph of each corpus,
@@ -62,15 +62,26 @@ def interleaved(run_a, run_b, args) -> tuple[float, float]:
     return statistics.median(a), statistics.median(b)
 
 
+def without_c_segmenter(module, run):
+    """Run ``run`` with hf_su's BytePiece encode falling back to the tokenizers backend."""
+    saved, module._viterbi = module._viterbi, None
+    try:
+        return run()
+    finally:
+        module._viterbi = saved
+
+
 def bench_encode(args, data_dir: str) -> None:
     import bytepiece
 
-    from hf_su.tokenization.bytepiece import BytePieceTokenizerFast
+    from hf_su.tokenization import bytepiece as bytepiece_module
+    from hf_su.tokenization.bytepiece import BytePieceTokenizerFast, encode_threads
 
     model = os.path.join(data_dir, "bytepiece.plus.40k.model")
     ours, ref = BytePieceTokenizerFast.from_bytepiece(model), bytepiece.Tokenizer(model)
+    segmenter = "C segmenter" if bytepiece_module._viterbi is not None else "tokenizers Unigram (C segmenter not built)"
     report = Report(
-        "BytePiece encode throughput (bytepiece.plus.40k model)",
+        f"BytePiece encode throughput (bytepiece.plus.40k model; ours: {segmenter}, {encode_threads()} threads)",
         columns=["corpus", "mode", "MB", "ours MB/s", "reference MB/s", "ratio", "target"],
     )
     for name in ("kexue_zh.txt", "kexue_en.txt"):
@@ -84,6 +95,16 @@ def bench_encode(args, data_dir: str) -> None:
             ("one text", [text], lambda t=text: ours.encode(t), lambda t=text: ref.encode(t), ">= 1.0"),
             ("batch", docs, lambda d=docs: ours(d)["input_ids"], lambda d=docs: [ref.encode(x) for x in d], ">= 1.7"),
         ]
+        if bytepiece_module._viterbi is not None:  # what users without a C compiler get
+            cases.append(
+                (
+                    "batch, no C segmenter",
+                    docs,
+                    lambda d=docs: without_c_segmenter(bytepiece_module, lambda: ours(d)["input_ids"]),
+                    lambda d=docs: [ref.encode(x) for x in d],
+                    "report",
+                )
+            )
         for mode, texts, run_ours, run_ref, target in cases:
             t_ours, t_ref = interleaved(run_ours, run_ref, args)
             size = mb(texts)
