@@ -402,6 +402,16 @@ def test_train_loads_round_trips_and_is_deterministic(training_docs, tmp_path):
     assert len(sample.encode()) / len(tok.encode(sample)) > 1.5  # it learned multi-byte pieces
 
 
+def test_train_same_model_without_the_c_segmenter(training_docs, tmp_path, monkeypatch):
+    if bytepiece_module._viterbi is None:
+        pytest.skip("the C segmenter hf_su.tokenization._viterbi is not built")
+    with_c = train_bytepiece(training_docs, 450, tmp_path / "c.model", progress=False)
+    monkeypatch.setattr(bytepiece_module, "_viterbi", None)  # the re-splits run on the tokenizers Unigram model
+    without = train_bytepiece(training_docs, 450, tmp_path / "rust.model", progress=False)
+    with open(with_c, encoding="utf-8") as f1, open(without, encoding="utf-8") as f2:
+        assert f1.read() == f2.read()
+
+
 def test_train_options(training_docs, tmp_path):
     digits = train_bytepiece(
         [*training_docs, "12345 67890 " * 50], 500, tmp_path / "d.model", isolate_digits=True, progress=False
@@ -417,7 +427,7 @@ def test_train_options(training_docs, tmp_path):
 
 @needs_reference
 @pytest.mark.parametrize(("isolate_digits", "ensure_unicode"), [(False, False), (True, True)])
-def test_train_matches_reference_trainer(training_docs, tmp_path, isolate_digits, ensure_unicode, capfd):
+def test_train_matches_reference_trainer(training_docs, tmp_path, isolate_digits, ensure_unicode, capfd, segmenter):
     ours = train_bytepiece(
         training_docs,
         450,

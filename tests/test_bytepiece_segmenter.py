@@ -116,6 +116,17 @@ def test_threads_give_the_same_ids(monkeypatch):
     assert segment_in_threads(segmenter, [], threads=2) == []
 
 
+def test_whole_texts_without_line_chunks(monkeypatch):
+    pieces = [*SINGLE_BYTES, b"a\nb", b"\n\n"]
+    segmenter = _viterbi.Segmenter(pieces, [-3.0] * 256 + [-1.0, -1.0], 3)
+    a_nl_b = 3 + 256
+    assert segmenter.encode([b"a\nb"], lines=False) == [[a_nl_b]]
+    assert segmenter.encode([b"a\nb"]) == [[3 + ord("a"), 3 + ord("\n"), 3 + ord("b")]]  # "a\n" | "b"
+    monkeypatch.setattr(bytepiece_module, "_PARALLEL_MIN_BYTES", 1)
+    data = [b"a\nb" * 50, b"xa\nb\n\n"] * 20
+    assert segment_in_threads(segmenter, data, threads=2, lines=False) == segmenter.encode(data, lines=False)
+
+
 def test_threads_run_concurrently_on_one_segmenter():
     pieces, scores = random_vocab(random.Random(2), 100, "ab\n", tie_prone=False)
     segmenter = _viterbi.Segmenter(pieces, scores, 3)
@@ -167,8 +178,10 @@ def test_encode_threads_follows_tokenizers_settings(monkeypatch):
 
 def test_segmenter_rejects_bad_vocabularies():
     scores = [-1.0] * 256
-    with pytest.raises(ValueError, match="single-byte piece 0x41 is missing"):
-        _viterbi.Segmenter([b for b in SINGLE_BYTES if b != b"A"] + [b"AB"], scores)
+    no_a = _viterbi.Segmenter([b for b in SINGLE_BYTES if b != b"A"] + [b"AB"], scores)
+    assert no_a.encode([b"xABy"]) == [[ord("x") - 1, 255, ord("y") - 1]]  # ids follow the list: "A" is missing
+    with pytest.raises(ValueError, match=r"texts\[1\] cannot be segmented: no piece covers byte 0x41 at offset 5"):
+        no_a.encode([b"AB", b"AB\nxyA"])
     with pytest.raises(ValueError, match="same bytes"):
         _viterbi.Segmenter([*SINGLE_BYTES, b"ab", b"ab"], scores + [-1.0, -2.0])
     with pytest.raises(ValueError, match="non-empty bytes"):

@@ -226,22 +226,6 @@ static int Segmenter_init(Segmenter *self, PyObject *args, PyObject *kwargs) {
             goto done;
         }
     }
-    for (int c = 0; c < 256; c++) { /* every byte must be segmentable */
-        unsigned char byte = (unsigned char)c;
-        Py_ssize_t lo = 0, hi = n;
-        while (lo < hi) {
-            Py_ssize_t mid = (lo + hi) / 2;
-            const unsigned char *key = keys[order[mid]];
-            int cmp = key[0] < byte ? -1 : key[0] > byte ? 1 : (lens[order[mid]] > 1);
-            if (cmp < 0) lo = mid + 1; else hi = mid;
-        }
-        if (lo >= n || lens[order[lo]] != 1 || keys[order[lo]][0] != byte) {
-            char message[64]; /* PyErr_Format has no zero-padded hex */
-            snprintf(message, sizeof message, "the single-byte piece 0x%02X is missing", c);
-            PyErr_SetString(PyExc_ValueError, message);
-            goto done;
-        }
-    }
     if (builder_grow(&b, 257) < 0) {
         PyErr_NoMemory();
         goto done;
@@ -301,6 +285,7 @@ typedef struct {
     int32_t *start;  /* start of the last piece of that segmentation */
     int32_t *piece;  /* and its piece index */
     size_t cap;
+    size_t failed_at; /* for the error message when a chunk cannot be segmented */
 } Scratch;
 
 static int scratch_reserve(Scratch *s, size_t n) {
@@ -328,6 +313,7 @@ static int segment_chunk(const Segmenter *seg, const unsigned char *text, size_t
     const double *scores = seg->scores;
     double *best = s->best;
     int32_t *start = s->start, *piece = s->piece;
+    if (n == 0) return 0;
     best[0] = 0.0;
     for (size_t e = 1; e <= n; e++) best[e] = -INFINITY;
     for (size_t i = 0; i < n; i++) {
@@ -348,6 +334,12 @@ static int segment_chunk(const Segmenter *seg, const unsigned char *text, size_t
             }
         }
     }
+    if (best[n] == -INFINITY) { /* a byte that no piece covers (impossible when all 256 single bytes are pieces) */
+        size_t e = 1;
+        while (best[e] > -INFINITY) e++;
+        s->failed_at = e - 1; /* no segmentation of the chunk gets past this byte */
+        return -3;
+    }
     /* read the path back from the end, then reverse it in place */
     size_t first = out->len;
     for (size_t e = n; e > 0; e = (size_t)start[e]) out->data[out->len++] = piece[e];
@@ -359,14 +351,20 @@ static int segment_chunk(const Segmenter *seg, const unsigned char *text, size_t
     return 0;
 }
 
-/* A chunk is a line with its trailing newlines, or the text's last line without one. */
-static int segment_text(const Segmenter *seg, const unsigned char *text, size_t n, Scratch *s, IdBuffer *out) {
+/* A chunk is a line with its trailing newlines, or the text's last line without one; without `lines` the whole
+ * text is one chunk. */
+static int segment_text(const Segmenter *seg, const unsigned char *text, size_t n, int lines, Scratch *s,
+                        IdBuffer *out) {
     size_t pos = 0;
     while (pos < n) {
-        const unsigned char *newline = memchr(text + pos, '\n', n - pos);
-        size_t end = newline ? (size_t)(newline - text) : n;
-        while (end < n && text[end] == '\n') end++;
+        size_t end = n;
+        if (lines) {
+            const unsigned char *newline = memchr(text + pos, '\n', n - pos);
+            end = newline ? (size_t)(newline - text) : n;
+            while (end < n && text[end] == '\n') end++;
+        }
         int status = segment_chunk(seg, text + pos, end - pos, s, out);
+        if (status == -3) s->failed_at += pos;
         if (status) return status;
         pos = end;
     }
@@ -374,11 +372,17 @@ static int segment_text(const Segmenter *seg, const unsigned char *text, size_t 
 }
 
 PyDoc_STRVAR(Segmenter_encode_doc,
-             "encode(texts)\n--\n\n"
+             "encode(texts, lines=True)\n--\n\n"
              "Token ids of the best segmentation of each UTF-8 text (a list of bytes objects), one list per text.\n"
-             "The GIL is released while segmenting, so threads may call this at the same time.");
+             "With lines=True each line (with its trailing newlines) is segmented on its own, as BytePiece does;\n"
+             "with lines=False each text is segmented whole. The GIL is released while segmenting, so threads may\n"
+             "call this at the same time. ValueError if a byte is covered by no piece.");
 
-static PyObject *Segmenter_encode(Segmenter *self, PyObject *texts_arg) {
+static PyObject *Segmenter_encode(Segmenter *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"texts", "lines", NULL};
+    PyObject *texts_arg;
+    int lines = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|p", kwlist, &texts_arg, &lines)) return NULL;
     if (!self->units) {
         PyErr_SetString(PyExc_RuntimeError, "Segmenter is not initialised");
         return NULL;
@@ -392,7 +396,7 @@ static PyObject *Segmenter_encode(Segmenter *self, PyObject *texts_arg) {
     /* own a reference to every text: the list may change while the GIL is released */
     PyObject **held = malloc(sizeof(PyObject *) * (size_t)(n_texts ? n_texts : 1));
     IdBuffer out = {NULL, 0, 0};
-    Scratch scratch = {NULL, NULL, NULL, 0};
+    Scratch scratch = {NULL, NULL, NULL, 0, 0};
     Py_ssize_t n_held = 0;
     if (!bounds || !held) {
         PyErr_NoMemory();
@@ -407,14 +411,24 @@ static PyObject *Segmenter_encode(Segmenter *self, PyObject *texts_arg) {
         held[n_held] = items[n_held];
     }
     int status = 0;
+    Py_ssize_t t = 0;
     Py_BEGIN_ALLOW_THREADS
     bounds[0] = 0;
-    for (Py_ssize_t t = 0; t < n_texts && !status; t++) {
+    for (; t < n_texts; t++) {
         status = segment_text(self, (const unsigned char *)PyBytes_AS_STRING(held[t]),
-                              (size_t)PyBytes_GET_SIZE(held[t]), &scratch, &out);
+                              (size_t)PyBytes_GET_SIZE(held[t]), lines, &scratch, &out);
+        if (status) break;
         bounds[t + 1] = out.len;
     }
     Py_END_ALLOW_THREADS
+    if (status == -3) {
+        unsigned char byte = (unsigned char)PyBytes_AS_STRING(held[t])[scratch.failed_at];
+        char message[160]; /* PyErr_Format has no zero-padded hex */
+        snprintf(message, sizeof message, "texts[%zd] cannot be segmented: no piece covers byte 0x%02X at offset %zu",
+                 t, byte, scratch.failed_at);
+        PyErr_SetString(PyExc_ValueError, message);
+        goto done;
+    }
     if (status == -2) {
         PyErr_SetString(PyExc_ValueError, "a line of over 2**31 bytes is too long to segment");
         goto done;
@@ -456,7 +470,7 @@ static PyObject *Segmenter_get_size(Segmenter *self, void *closure) {
 }
 
 static PyMethodDef Segmenter_methods[] = {
-    {"encode", (PyCFunction)Segmenter_encode, METH_O, Segmenter_encode_doc},
+    {"encode", (PyCFunction)(void (*)(void))Segmenter_encode, METH_VARARGS | METH_KEYWORDS, Segmenter_encode_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -468,8 +482,8 @@ static PyGetSetDef Segmenter_getset[] = {
 PyDoc_STRVAR(Segmenter_doc,
              "Segmenter(pieces, scores, first_id=0)\n--\n\n"
              "BytePiece's deterministic Viterbi segmentation over a fixed vocabulary.\n\n"
-             "pieces: the bytes of every piece (all 256 single bytes included); scores: their float64 log-probabilities;\n"
-             "piece i has token id first_id + i.");
+             "pieces: the bytes of every piece (include all 256 single bytes so that every text can be segmented);\n"
+             "scores: their float64 log-probabilities; piece i has token id first_id + i.");
 
 static PyTypeObject SegmenterType = {
     PyVarObject_HEAD_INIT(NULL, 0)

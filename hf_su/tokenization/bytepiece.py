@@ -152,6 +152,17 @@ _PARALLEL_MIN_BYTES = 1 << 16
 _ITEMS_PER_THREAD = 4
 
 
+def c_segmenter(pieces: Sequence[bytes], scores: Sequence[float], first_id: int = NUM_RESERVED) -> Any | None:
+    """The C ``Segmenter`` of a vocabulary (piece ``i`` gets id ``first_id + i``), or None when it is not built.
+
+    Its ``encode(texts, lines=True)`` gives the ids of the best segmentation of each UTF-8 text, line by line like
+    BytePiece, with the reference's tie rule; it releases the GIL (see :func:`segment_in_threads`).
+    """
+    if _viterbi is None:
+        return None
+    return _viterbi.Segmenter(list(pieces), [float(s) for s in scores], first_id)
+
+
 def encode_threads() -> int:
     """Threads for batch encoding, following the ``tokenizers`` library's settings.
 
@@ -192,22 +203,25 @@ def split_at_chunk_boundaries(data: bytes, size: int) -> list[bytes]:
     return parts
 
 
-def segment_in_threads(segmenter: Any, texts: Sequence[bytes], threads: int | None = None) -> list[list[int]]:
+def segment_in_threads(
+    segmenter: Any, texts: Sequence[bytes], threads: int | None = None, lines: bool = True
+) -> list[list[int]]:
     """Ids of each UTF-8 text by a C ``Segmenter``, using ``threads`` threads (default :func:`encode_threads`).
 
-    Texts are cut at chunk boundaries into about ``threads * 4`` items of equal size, and threads take items as they
-    finish; the segmenter releases the GIL while it works. Threads are started per call, so this stays safe in
-    processes forked later (``datasets.map(num_proc=...)``, ``DataLoader`` workers).
+    Texts are grouped (and, with ``lines``, long ones cut at chunk boundaries) into about ``threads * 4`` items of
+    equal size, and threads take items as they finish; the segmenter releases the GIL while it works. Threads are
+    started per call, so this stays safe in processes forked later (``datasets.map(num_proc=...)``, ``DataLoader``
+    workers). ``lines=False`` segments each text whole (see ``Segmenter.encode``).
     """
     threads = encode_threads() if threads is None else threads
     total = sum(map(len, texts))
     if threads <= 1 or total < _PARALLEL_MIN_BYTES:
-        return segmenter.encode(list(texts))
+        return segmenter.encode(list(texts), lines=lines)
     share = -(-total // (threads * _ITEMS_PER_THREAD))
     items: list[bytes] = []
     owner: list[int] = []
     for index, text in enumerate(texts):
-        parts = split_at_chunk_boundaries(text, share) if len(text) > share else [text]
+        parts = split_at_chunk_boundaries(text, share) if lines and len(text) > share else [text]
         items += parts
         owner += [index] * len(parts)
     groups, start, filled = [], 0, 0
@@ -217,7 +231,7 @@ def segment_in_threads(segmenter: Any, texts: Sequence[bytes], threads: int | No
             groups.append(items[start:stop])
             start, filled = stop, 0
     with ThreadPoolExecutor(max_workers=min(threads, len(groups))) as pool:
-        segmented = [ids for group in pool.map(segmenter.encode, groups) for ids in group]
+        segmented = [ids for group in pool.map(lambda g: segmenter.encode(g, lines=lines), groups) for ids in group]
     if len(items) == len(texts):
         return segmented
     out: list[list[int]] = []
@@ -631,7 +645,7 @@ class BytePieceTokenizerFast(PreTrainedTokenizerFast):
             return self._backend_raw_ids(texts)
         if self._segmenter is None:
             vocab = self._vocab_cache
-            self._segmenter = _viterbi.Segmenter(list(vocab.pieces), vocab.log_probs.tolist(), vocab.first_id)
+            self._segmenter = c_segmenter(vocab.pieces, vocab.log_probs.tolist(), vocab.first_id)
         return segment_in_threads(self._segmenter, [_utf8(nfc(text)) for text in texts])
 
     def _backend_raw_ids(self, texts: Sequence[str]) -> list[list[int]]:

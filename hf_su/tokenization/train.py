@@ -8,8 +8,9 @@ The reference ``bytepiece.Trainer`` does four steps; this module does the same s
 3. segment every chunk by Viterbi over byte labels ("this byte is the j-th of its piece") and count the pieces --
    here all chunks of a shard advance through the Viterbi recursion together, one position per NumPy step;
 4. prune pieces: re-split rare or over-long pieces, drop "wasted" pieces that the Unigram model never outputs, cut to
-   the vocabulary size -- here each re-split is one parallel ``encode_batch_fast`` of a ``tokenizers`` Unigram model
-   (same scores, same longest-first tie-breaking as the reference's Aho-Corasick Viterbi).
+   the vocabulary size -- here each re-split runs the C segmenter of ``hf_su.tokenization.bytepiece`` on all cores
+   (or, when it is not built, one parallel ``encode_batch_fast`` of a ``tokenizers`` Unigram model; both have the
+   same scores and the same longest-first tie-breaking as the reference's Aho-Corasick Viterbi).
 
 The n-gram log-probabilities, Viterbi sums and piece scores are computed with the same NumPy float64 operations in
 the same order as the reference, so the written model equals ``bytepiece.Trainer``'s for the same settings.
@@ -29,7 +30,15 @@ import numpy as np
 from tokenizers import Tokenizer, models
 from tqdm.auto import tqdm
 
-from .bytepiece import NUM_RESERVED, _utf8, bytes_to_byte_level, log_probs, write_bytepiece_model
+from .bytepiece import (
+    NUM_RESERVED,
+    _utf8,
+    bytes_to_byte_level,
+    c_segmenter,
+    log_probs,
+    segment_in_threads,
+    write_bytepiece_model,
+)
 
 _MAX_CHUNK_CHARS = 10000  # the reference caps training chunks (and runs of newlines at 100)
 _SHARD_CHARS = 1 << 18  # documents are grouped into shards of about this many characters, one task each
@@ -176,13 +185,18 @@ def _split_counts(keep: dict[bytes, int], items: Iterable[tuple[bytes, int]]) ->
     """
     items = list(items)
     names = list(keep)
-    model = models.Unigram(
-        [(bytes_to_byte_level(p), float(s)) for p, s in zip(names, log_probs(list(keep.values())))],
-        unk_id=None,
-        byte_fallback=False,
-    )
-    encodings = Tokenizer(model).encode_batch_fast([bytes_to_byte_level(p) for p, _ in items], add_special_tokens=False)
-    ids = [e.ids for e in encodings]
+    scores = log_probs(list(keep.values()))
+    segmenter = c_segmenter(names, scores.tolist(), first_id=0)
+    if segmenter is not None:
+        ids = segment_in_threads(segmenter, [p for p, _ in items], lines=False)
+    else:
+        model = models.Unigram(
+            [(bytes_to_byte_level(p), float(s)) for p, s in zip(names, scores)], unk_id=None, byte_fallback=False
+        )
+        encodings = Tokenizer(model).encode_batch_fast(
+            [bytes_to_byte_level(p) for p, _ in items], add_special_tokens=False
+        )
+        ids = [e.ids for e in encodings]
     flat = np.fromiter((i for row in ids for i in row), dtype=np.int64)
     weights = np.repeat(np.array([c for _, c in items], dtype=np.float64), [len(row) for row in ids])
     totals = np.bincount(flat, weights=weights, minlength=len(names))
