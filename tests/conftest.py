@@ -18,6 +18,18 @@ from hf_su.testing import ROPE_ARCHITECTURES, tiny_causal_lm, tiny_tokenizer  # 
 CORE_ROPE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "phi3")
 
 
+@pytest.fixture(params=["c", "backend"])
+def bytepiece_segmenter(request, monkeypatch) -> str:
+    """Run a BytePiece test through the C segmenter and through the fallback used without a C compiler."""
+    from hf_su.tokenization import bytepiece
+
+    if request.param == "c" and bytepiece._viterbi is None:
+        pytest.skip("the C segmenter hf_su.tokenization._viterbi is not built")
+    if request.param == "backend":
+        monkeypatch.setattr(bytepiece, "_viterbi", None)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -74,18 +74,8 @@ def _write_model(tmp_path, model: dict, name: str = "m.model") -> str:
 # --- conformance ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["c", "backend"])
-def segmenter(request, monkeypatch) -> str:
-    """Run a test through the C segmenter and through the ``tokenizers`` backend fallback (used without a compiler)."""
-    if request.param == "c" and bytepiece_module._viterbi is None:
-        pytest.skip("the C segmenter hf_su.tokenization._viterbi is not built")
-    if request.param == "backend":
-        monkeypatch.setattr(bytepiece_module, "_viterbi", None)
-    return request.param
-
-
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_golden_ids(tokenizers, name, segmenter):
+def test_golden_ids(tokenizers, name, bytepiece_segmenter):
     tok, golden = tokenizers[name], GOLDEN["models"][name]["ids"]
     keys = list(golden)
     texts = [TEXTS[k] for k in keys]
@@ -97,7 +87,7 @@ def test_golden_ids(tokenizers, name, segmenter):
         assert tok.encode(TEXTS[key]) == golden[key], key
 
 
-def test_golden_ids_released_40k_model(segmenter):
+def test_golden_ids_released_40k_model(bytepiece_segmenter):
     path = shared_data_path("bytepiece.plus.40k.model")
     if path is None or "plus_40k_ids" not in GOLDEN:
         pytest.skip("shared data folder with bytepiece.plus.40k.model not found")
@@ -116,7 +106,7 @@ def _random_texts(n: int, seed: int = 0) -> list[str]:
 
 @needs_reference
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_matches_installed_reference(tokenizers, name, segmenter):
+def test_matches_installed_reference(tokenizers, name, bytepiece_segmenter):
     ref = reference.Tokenizer(GOLDEN["models"][name]["model"])
     texts = _random_texts(300, seed=len(name)) + list(TEXTS.values())
     assert tokenizers[name](texts)["input_ids"] == [ref.encode(t) for t in texts]
@@ -254,7 +244,7 @@ def test_special_tokens(tok, tokenizers):
     assert unsplit.encode("x<eos>")[-1] == 2
 
 
-def test_fast_path_equals_full_pipeline(tok, segmenter):
+def test_fast_path_equals_full_pipeline(tok, bytepiece_segmenter):
     texts = list(TEXTS.values())
     for kwargs in (
         {},
@@ -427,7 +417,9 @@ def test_train_options(training_docs, tmp_path):
 
 @needs_reference
 @pytest.mark.parametrize(("isolate_digits", "ensure_unicode"), [(False, False), (True, True)])
-def test_train_matches_reference_trainer(training_docs, tmp_path, isolate_digits, ensure_unicode, capfd, segmenter):
+def test_train_matches_reference_trainer(
+    training_docs, tmp_path, isolate_digits, ensure_unicode, capfd, bytepiece_segmenter
+):
     ours = train_bytepiece(
         training_docs,
         450,

@@ -11,6 +11,7 @@ import random
 import threading
 import unicodedata
 
+import numpy as np
 import pytest
 
 from hf_su.tokenization import bytepiece as bytepiece_module
@@ -19,6 +20,7 @@ from hf_su.tokenization.bytepiece import (
     bytepiece_chunks,
     encode_threads,
     nfc,
+    sample_in_threads,
     segment_in_threads,
     split_at_chunk_boundaries,
 )
@@ -216,3 +218,74 @@ def test_datasets_map_in_processes_after_threads(monkeypatch):
 def _pieces_and_scores(tok: BytePieceTokenizerFast) -> tuple[list[bytes], list[float]]:
     vocab = tok.bytepiece_vocab()
     return list(vocab.pieces), vocab.log_probs.tolist()
+
+
+def _segmentations(chunk: bytes, ids: dict[bytes, int]) -> list[tuple[int, ...]]:
+    if not chunk:
+        return [()]
+    return [
+        (ids[chunk[:k]], *rest)
+        for k in range(1, len(chunk) + 1)
+        if chunk[:k] in ids
+        for rest in _segmentations(chunk[k:], ids)
+    ]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 2.0])
+def test_sample_follows_the_law_by_enumeration(alpha):
+    """P(segmentation) ∝ exp(alpha · Σ scores), each line on its own, vs brute-force enumeration (total variation)."""
+    pieces = [*SINGLE_BYTES, b"ab", b"abc", b"bc", b"ca", b"a\n", b"\n\n"]
+    scores = [-3.0] * 256 + [-2.0, -2.5, -1.0, -4.0, -1.5, -2.2]
+    ids = {p: i for i, p in enumerate(pieces)}
+    text = b"abca\n\nbc"
+    chunks = [b"abca\n\n", b"bc"]
+    outcomes = [a + b for a in _segmentations(chunks[0], ids) for b in _segmentations(chunks[1], ids)]
+    weights = np.array([alpha * sum(scores[i] for i in o) for o in outcomes])
+    law = np.exp(weights - weights.max())
+    law /= law.sum()
+    n = 40_000
+    samples = _viterbi.Segmenter(pieces, scores, 0).sample([text] * n, alpha, list(range(n)))
+    counts = {o: 0 for o in outcomes}
+    for sample in samples:
+        counts[tuple(sample)] += 1  # a KeyError here: not a segmentation of the text
+    observed = np.array([counts[o] for o in outcomes]) / n
+    assert 0.5 * np.abs(observed - law).sum() < 0.015
+    assert len(outcomes) > 20
+
+
+def test_sample_with_large_alpha_is_the_best_path():
+    pieces, scores = random_vocab(random.Random(5), 300, "ab}= 中", tie_prone=False)
+    segmenter = _viterbi.Segmenter(pieces, scores, 3)
+    data = [t.encode() for t in random_texts(random.Random(6), "ab}= 中\n", 50)]
+    sampled, best = segmenter.sample(data, 1e4, list(range(len(data)))), segmenter.encode(data)
+    assert sampled != best  # exact ties (permutations of the same pieces) are split at random, not longest-first
+    # distinct path scores differ by far more than 1/alpha, so every sample is a best path
+    for ids, best_ids in zip(sampled, best):
+        assert math.isclose(sum(scores[i - 3] for i in ids), sum(scores[i - 3] for i in best_ids), abs_tol=1e-9)
+
+
+def test_sampling_depends_on_the_seeds_only(monkeypatch):
+    monkeypatch.setattr(bytepiece_module, "_PARALLEL_MIN_BYTES", 1)
+    monkeypatch.setattr(bytepiece_module, "_SAMPLE_ITEM_BYTES", 64)
+    pieces, scores = random_vocab(random.Random(7), 200, "abc 中\n", tie_prone=True)
+    segmenter = _viterbi.Segmenter(pieces, scores, 3)
+    texts = random_texts(random.Random(8), "abc 中\n", 30) + ["ab\nc 中" * 200]
+    data = [t.encode() for t in texts]
+    runs = [sample_in_threads(segmenter, data, 0.3, np.random.default_rng(9), threads=k) for k in (1, 2, 5)]
+    assert runs[0] == runs[1] == runs[2]
+    assert runs[0] != sample_in_threads(segmenter, data, 0.3, np.random.default_rng(10), threads=2)
+    by_piece = {3 + i: p for i, p in enumerate(pieces)}
+    assert [b"".join(by_piece[i] for i in ids) for ids in runs[0]] == data
+    assert segmenter.sample(data[:2], 0.3, [1, 2]) == segmenter.sample(data[:2], 0.3, [1, 2])
+
+
+def test_sample_errors():
+    segmenter = _viterbi.Segmenter(SINGLE_BYTES, [-1.0] * 256)
+    for alpha in (-0.1, math.nan, math.inf):
+        with pytest.raises(ValueError, match="alpha must be finite and >= 0"):
+            segmenter.sample([b"ab"], alpha, [0])
+    with pytest.raises(ValueError, match="got 2 texts but 1 seeds"):
+        segmenter.sample([b"ab", b"c"], 0.1, [0])
+    with pytest.raises(TypeError, match=r"seeds\[0\] must be an int"):
+        segmenter.sample([b"ab"], 0.1, [0.5])
+    assert segmenter.sample([b"ab"], alpha=0.0, seeds=[2**64 - 1]) == [[97, 98]]

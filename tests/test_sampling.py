@@ -91,6 +91,7 @@ def _chi2_critical(dof: int, z: float = 3.09) -> float:
 
 CASES = [
     pytest.param(_toy_bytepiece, "天气好", id="bytepiece"),
+    pytest.param(_toy_bytepiece, "天\n气好", id="bytepiece-2-lines"),
     pytest.param(lambda: sentencepiece_tokenizer(), "ababca", id="sentencepiece"),
     pytest.param(lambda: sentencepiece_tokenizer(), "ab bab", id="sentencepiece-2-words"),
 ]
@@ -98,7 +99,7 @@ CASES = [
 
 @pytest.mark.parametrize("alpha", [0.0, 0.1, 1.0])
 @pytest.mark.parametrize(("make", "text"), CASES)
-def test_sampled_law_matches_enumeration(make, text, alpha):
+def test_sampled_law_matches_enumeration(make, text, alpha, bytepiece_segmenter):
     tokenizer = make()
     law = _exact_law(tokenizer, text, alpha)
     assert 8 <= len(law) <= 40
@@ -122,7 +123,7 @@ def test_sampled_law_matches_enumeration(make, text, alpha):
 
 
 @pytest.mark.parametrize(("make", "text"), CASES)
-def test_negative_alpha_is_deterministic_encode(make, text):
+def test_negative_alpha_is_deterministic_encode(make, text, bytepiece_segmenter):
     tokenizer = make()
     texts = [text, text + " " + text[::-1], "", "a\n\nb c"]
     assert encode_sampled(tokenizer, texts, alpha=-1) == [tokenizer.encode(t, add_special_tokens=False) for t in texts]
@@ -180,7 +181,7 @@ def test_added_and_special_tokens():
         assert bytepiece.eos_token_id not in ids and bytepiece.decode(ids) == text
 
 
-def test_seeded_runs_reproduce_and_seeds_differ():
+def test_seeded_runs_reproduce_and_seeds_differ(bytepiece_segmenter):
     tokenizer = _toy_bytepiece()
     texts = ["天气好 ab ab 天气好天气好"] * 8
     first = encode_sampled(tokenizer, texts, alpha=0.1, seed=7)
@@ -223,7 +224,7 @@ def test_errors():
 
 @pytest.mark.skipif(BYTEPIECE_MODEL is None, reason="shared BytePiece model not available")
 @pytest.mark.parametrize("path", CORPORA, ids=["zh", "en"])
-def test_shared_corpora(path):
+def test_shared_corpora(path, bytepiece_segmenter):
     if path is None:
         pytest.skip(f"{path} not available")
     tokenizer = _shared_bytepiece()

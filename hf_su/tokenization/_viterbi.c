@@ -305,31 +305,80 @@ static int scratch_reserve(Scratch *s, size_t n) {
     return 0;
 }
 
-/* Append the piece indices of the best segmentation of one chunk. */
-static int segment_chunk(const Segmenter *seg, const unsigned char *text, size_t n, Scratch *s, IdBuffer *out) {
+/* Sampling instead of the best path (alpha >= 0): a segmentation s is drawn with probability proportional to
+ * prod over its pieces of p(piece)^alpha, as the reference does for alpha >= 0 ("perfect" Viterbi sampling). */
+typedef struct {
+    double alpha;
+    uint64_t state; /* splitmix64 */
+} Sampler;
+
+static inline double next_uniform(uint64_t *state) {
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    return (double)(z >> 11) * 0x1.0p-53;
+}
+
+/* Append the piece indices of the best (or, with a sampler, a sampled) segmentation of one chunk. */
+static int segment_chunk(const Segmenter *seg, const unsigned char *text, size_t n, Sampler *sampler, Scratch *s,
+                         IdBuffer *out) {
     if (n > INT32_MAX - 1) return -2;
     if (scratch_reserve(s, n + 1) < 0 || ids_reserve(out, n) < 0) return -1;
     const Unit *units = seg->units;
     const double *scores = seg->scores;
-    double *best = s->best;
+    double *best = s->best; /* best score, or with a sampler log Z, of the segmentations of text[0:e] */
     int32_t *start = s->start, *piece = s->piece;
     if (n == 0) return 0;
     best[0] = 0.0;
     for (size_t e = 1; e <= n; e++) best[e] = -INFINITY;
-    for (size_t i = 0; i < n; i++) {
-        const double here = best[i];
-        int32_t node = 0;
-        for (size_t e = i; e < n; e++) {
-            int32_t child = units[node].base + text[e];
-            if (units[child].check != node) break;
-            node = child;
-            int32_t p = units[node].piece;
-            if (p >= 0) {
-                double score = here + scores[p];
-                if (score > best[e + 1]) { /* strict: the earliest start (longest piece) keeps a tie */
-                    best[e + 1] = score;
-                    start[e + 1] = (int32_t)i;
-                    piece[e + 1] = p;
+    if (!sampler) {
+        for (size_t i = 0; i < n; i++) {
+            const double here = best[i];
+            int32_t node = 0;
+            for (size_t e = i; e < n; e++) {
+                int32_t child = units[node].base + text[e];
+                if (units[child].check != node) break;
+                node = child;
+                int32_t p = units[node].piece;
+                if (p >= 0) {
+                    double score = here + scores[p];
+                    if (score > best[e + 1]) { /* strict: the earliest start (longest piece) keeps a tie */
+                        best[e + 1] = score;
+                        start[e + 1] = (int32_t)i;
+                        piece[e + 1] = p;
+                    }
+                }
+            }
+        }
+    } else {
+        /* Forward filtering with a weighted reservoir: every end keeps the start of one incoming edge, replaced by
+         * each new edge with probability weight / (total weight so far), so it ends up drawn in proportion to
+         * exp(log Z[start] + alpha * score). Read back from the end, the path has the law above. */
+        const double alpha = sampler->alpha;
+        for (size_t i = 0; i < n; i++) {
+            const double here = best[i];
+            if (here == -INFINITY) continue; /* unreachable (only when a byte is not a piece) */
+            int32_t node = 0;
+            for (size_t e = i; e < n; e++) {
+                int32_t child = units[node].base + text[e];
+                if (units[child].check != node) break;
+                node = child;
+                int32_t p = units[node].piece;
+                if (p >= 0) {
+                    double weight = here + alpha * scores[p], total = best[e + 1];
+                    if (total == -INFINITY) { /* the first edge into e is taken with probability 1 */
+                        best[e + 1] = weight;
+                        start[e + 1] = (int32_t)i;
+                        piece[e + 1] = p;
+                        continue;
+                    }
+                    total = total > weight ? total + log1p(exp(weight - total)) : weight + log1p(exp(total - weight));
+                    best[e + 1] = total;
+                    if (next_uniform(&sampler->state) < exp(weight - total)) {
+                        start[e + 1] = (int32_t)i;
+                        piece[e + 1] = p;
+                    }
                 }
             }
         }
@@ -353,8 +402,8 @@ static int segment_chunk(const Segmenter *seg, const unsigned char *text, size_t
 
 /* A chunk is a line with its trailing newlines, or the text's last line without one; without `lines` the whole
  * text is one chunk. */
-static int segment_text(const Segmenter *seg, const unsigned char *text, size_t n, int lines, Scratch *s,
-                        IdBuffer *out) {
+static int segment_text(const Segmenter *seg, const unsigned char *text, size_t n, int lines, Sampler *sampler,
+                        Scratch *s, IdBuffer *out) {
     size_t pos = 0;
     while (pos < n) {
         size_t end = n;
@@ -363,7 +412,7 @@ static int segment_text(const Segmenter *seg, const unsigned char *text, size_t 
             end = newline ? (size_t)(newline - text) : n;
             while (end < n && text[end] == '\n') end++;
         }
-        int status = segment_chunk(seg, text + pos, end - pos, s, out);
+        int status = segment_chunk(seg, text + pos, end - pos, sampler, s, out);
         if (status == -3) s->failed_at += pos;
         if (status) return status;
         pos = end;
@@ -378,11 +427,14 @@ PyDoc_STRVAR(Segmenter_encode_doc,
              "with lines=False each text is segmented whole. The GIL is released while segmenting, so threads may\n"
              "call this at the same time. ValueError if a byte is covered by no piece.");
 
-static PyObject *Segmenter_encode(Segmenter *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"texts", "lines", NULL};
-    PyObject *texts_arg;
-    int lines = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|p", kwlist, &texts_arg, &lines)) return NULL;
+PyDoc_STRVAR(Segmenter_sample_doc,
+             "sample(texts, alpha, seeds, lines=True)\n--\n\n"
+             "Like encode, but each text's segmentation is drawn with probability proportional to the product of\n"
+             "p(piece)**alpha over its pieces (alpha >= 0; 0 is uniform over segmentations). Text t uses a random\n"
+             "stream seeded by seeds[t] (an int), so results do not depend on how texts are grouped or threaded.");
+
+/* Segment every text (alpha < 0: best paths; else sampled, text t with the generator seeded by seeds[t]). */
+static PyObject *segment_texts(Segmenter *self, PyObject *texts_arg, int lines, double alpha, PyObject *seeds_arg) {
     if (!self->units) {
         PyErr_SetString(PyExc_RuntimeError, "Segmenter is not initialised");
         return NULL;
@@ -391,7 +443,8 @@ static PyObject *Segmenter_encode(Segmenter *self, PyObject *args, PyObject *kwa
     if (!texts) return NULL;
     Py_ssize_t n_texts = PySequence_Fast_GET_SIZE(texts);
     PyObject **items = PySequence_Fast_ITEMS(texts);
-    PyObject *result = NULL;
+    PyObject *result = NULL, *seeds = NULL;
+    uint64_t *seed_values = NULL;
     size_t *bounds = malloc(sizeof(size_t) * (size_t)(n_texts + 1));
     /* own a reference to every text: the list may change while the GIL is released */
     PyObject **held = malloc(sizeof(PyObject *) * (size_t)(n_texts ? n_texts : 1));
@@ -401,6 +454,27 @@ static PyObject *Segmenter_encode(Segmenter *self, PyObject *args, PyObject *kwa
     if (!bounds || !held) {
         PyErr_NoMemory();
         goto done;
+    }
+    if (alpha >= 0) {
+        seeds = PySequence_Fast(seeds_arg, "seeds must be a sequence of ints");
+        if (!seeds) goto done;
+        if (PySequence_Fast_GET_SIZE(seeds) != n_texts) {
+            PyErr_Format(PyExc_ValueError, "got %zd texts but %zd seeds", n_texts, PySequence_Fast_GET_SIZE(seeds));
+            goto done;
+        }
+        if (!(seed_values = malloc(sizeof(uint64_t) * (size_t)(n_texts ? n_texts : 1)))) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        for (Py_ssize_t t = 0; t < n_texts; t++) {
+            PyObject *seed = PySequence_Fast_GET_ITEM(seeds, t);
+            if (!PyLong_Check(seed)) {
+                PyErr_Format(PyExc_TypeError, "seeds[%zd] must be an int, got %s", t, Py_TYPE(seed)->tp_name);
+                goto done;
+            }
+            seed_values[t] = (uint64_t)PyLong_AsUnsignedLongLongMask(seed);
+            if (PyErr_Occurred()) goto done;
+        }
     }
     for (; n_held < n_texts; n_held++) {
         if (!PyBytes_Check(items[n_held])) {
@@ -415,8 +489,9 @@ static PyObject *Segmenter_encode(Segmenter *self, PyObject *args, PyObject *kwa
     Py_BEGIN_ALLOW_THREADS
     bounds[0] = 0;
     for (; t < n_texts; t++) {
+        Sampler sampler = {alpha, alpha >= 0 ? seed_values[t] : 0};
         status = segment_text(self, (const unsigned char *)PyBytes_AS_STRING(held[t]),
-                              (size_t)PyBytes_GET_SIZE(held[t]), lines, &scratch, &out);
+                              (size_t)PyBytes_GET_SIZE(held[t]), lines, alpha >= 0 ? &sampler : NULL, &scratch, &out);
         if (status) break;
         bounds[t + 1] = out.len;
     }
@@ -460,9 +535,36 @@ done:
     free(scratch.best);
     free(scratch.start);
     free(scratch.piece);
+    free(seed_values);
+    Py_XDECREF(seeds);
     Py_DECREF(texts);
     return result;
 }
+
+static PyObject *Segmenter_encode(Segmenter *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"texts", "lines", NULL};
+    PyObject *texts;
+    int lines = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|p", kwlist, &texts, &lines)) return NULL;
+    return segment_texts(self, texts, lines, -1.0, NULL);
+}
+
+static PyObject *Segmenter_sample(Segmenter *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"texts", "alpha", "seeds", "lines", NULL};
+    PyObject *texts, *seeds;
+    double alpha;
+    int lines = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OdO|p", kwlist, &texts, &alpha, &seeds, &lines)) return NULL;
+    if (!(alpha >= 0) || !isfinite(alpha)) {
+        char message[96]; /* PyErr_Format has no %g */
+        snprintf(message, sizeof message, "alpha must be finite and >= 0 for sampling, got %g", alpha);
+        PyErr_SetString(PyExc_ValueError, message);
+        return NULL;
+    }
+    return segment_texts(self, texts, lines, alpha, seeds);
+}
+
+
 
 static PyObject *Segmenter_get_size(Segmenter *self, void *closure) {
     (void)closure;
@@ -471,6 +573,7 @@ static PyObject *Segmenter_get_size(Segmenter *self, void *closure) {
 
 static PyMethodDef Segmenter_methods[] = {
     {"encode", (PyCFunction)(void (*)(void))Segmenter_encode, METH_VARARGS | METH_KEYWORDS, Segmenter_encode_doc},
+    {"sample", (PyCFunction)(void (*)(void))Segmenter_sample, METH_VARARGS | METH_KEYWORDS, Segmenter_sample_doc},
     {NULL, NULL, 0, NULL},
 };
 

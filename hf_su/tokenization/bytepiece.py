@@ -150,6 +150,8 @@ def _byte_level_chunks(text: str) -> list[str]:
 _PARALLEL_MIN_BYTES = 1 << 16
 # Work items per thread, so a thread that finishes early takes more and list building overlaps segmentation.
 _ITEMS_PER_THREAD = 4
+# Sampling cuts texts into items of this size, each with its own seed (independent of the thread count).
+_SAMPLE_ITEM_BYTES = 1 << 16
 
 
 def c_segmenter(pieces: Sequence[bytes], scores: Sequence[float], first_id: int = NUM_RESERVED) -> Any | None:
@@ -203,36 +205,20 @@ def split_at_chunk_boundaries(data: bytes, size: int) -> list[bytes]:
     return parts
 
 
-def segment_in_threads(
-    segmenter: Any, texts: Sequence[bytes], threads: int | None = None, lines: bool = True
-) -> list[list[int]]:
-    """Ids of each UTF-8 text by a C ``Segmenter``, using ``threads`` threads (default :func:`encode_threads`).
-
-    Texts are grouped (and, with ``lines``, long ones cut at chunk boundaries) into about ``threads * 4`` items of
-    equal size, and threads take items as they finish; the segmenter releases the GIL while it works. Threads are
-    started per call, so this stays safe in processes forked later (``datasets.map(num_proc=...)``, ``DataLoader``
-    workers). ``lines=False`` segments each text whole (see ``Segmenter.encode``).
-    """
-    threads = encode_threads() if threads is None else threads
-    total = sum(map(len, texts))
-    if threads <= 1 or total < _PARALLEL_MIN_BYTES:
-        return segmenter.encode(list(texts), lines=lines)
-    share = -(-total // (threads * _ITEMS_PER_THREAD))
+def _cut(texts: Sequence[bytes], size: int, lines: bool) -> tuple[list[bytes], list[int]]:
+    """Texts as items of at most about ``size`` bytes (cut at chunk boundaries if ``lines``), with each item's text."""
     items: list[bytes] = []
     owner: list[int] = []
     for index, text in enumerate(texts):
-        parts = split_at_chunk_boundaries(text, share) if lines and len(text) > share else [text]
+        parts = split_at_chunk_boundaries(text, size) if lines and len(text) > size else [text]
         items += parts
         owner += [index] * len(parts)
-    groups, start, filled = [], 0, 0
-    for stop, item in enumerate(items, 1):
-        filled += len(item)
-        if filled >= share or stop == len(items):
-            groups.append(items[start:stop])
-            start, filled = stop, 0
-    with ThreadPoolExecutor(max_workers=min(threads, len(groups))) as pool:
-        segmented = [ids for group in pool.map(lambda g: segmenter.encode(g, lines=lines), groups) for ids in group]
-    if len(items) == len(texts):
+    return items, owner
+
+
+def _joined(owner: list[int], segmented: list[list[int]]) -> list[list[int]]:
+    """The ids of each text from the ids of its items (see :func:`_cut`)."""
+    if len(owner) == len(set(owner)):
         return segmented
     out: list[list[int]] = []
     for index, (text_index, ids) in enumerate(zip(owner, segmented)):
@@ -241,6 +227,56 @@ def segment_in_threads(
         else:
             out.append(ids)
     return out
+
+
+def _in_threads(run: Any, items: list[bytes], threads: int) -> list[list[int]]:
+    """``run(start, stop)`` (the ids of ``items[start:stop]``) over contiguous groups of about equal bytes, on
+    ``threads`` threads taking groups as they finish. Threads are started per call, so this stays safe in processes
+    forked later (``datasets.map(num_proc=...)``, ``DataLoader`` workers)."""
+    total = sum(map(len, items))
+    if threads <= 1 or total < _PARALLEL_MIN_BYTES or len(items) < 2:
+        return run(0, len(items))
+    share = -(-total // (threads * _ITEMS_PER_THREAD))
+    bounds, filled = [0], 0
+    for stop, item in enumerate(items, 1):
+        filled += len(item)
+        if filled >= share or stop == len(items):
+            bounds.append(stop)
+            filled = 0
+    with ThreadPoolExecutor(max_workers=min(threads, len(bounds) - 1)) as pool:
+        groups = pool.map(run, bounds[:-1], bounds[1:])
+        return [ids for group in groups for ids in group]
+
+
+def segment_in_threads(
+    segmenter: Any, texts: Sequence[bytes], threads: int | None = None, lines: bool = True
+) -> list[list[int]]:
+    """Ids of each UTF-8 text by a C ``Segmenter``, on ``threads`` threads (default :func:`encode_threads`).
+
+    Texts are grouped (and, with ``lines``, long ones cut at chunk boundaries) into about ``threads * 4`` items of
+    equal size; the segmenter releases the GIL while it works. ``lines=False`` segments each text whole (see
+    ``Segmenter.encode``).
+    """
+    threads = encode_threads() if threads is None else threads
+    total = sum(map(len, texts))
+    if threads <= 1 or total < _PARALLEL_MIN_BYTES:
+        return segmenter.encode(list(texts), lines=lines)
+    items, owner = _cut(texts, -(-total // (threads * _ITEMS_PER_THREAD)), lines)
+    return _joined(owner, _in_threads(lambda a, b: segmenter.encode(items[a:b], lines=lines), items, threads))
+
+
+def sample_in_threads(
+    segmenter: Any, texts: Sequence[bytes], alpha: float, rng: np.random.Generator, threads: int | None = None
+) -> list[list[int]]:
+    """Sampled ids of each UTF-8 text by a C ``Segmenter`` (``Segmenter.sample``), on ``threads`` threads.
+
+    Texts are cut at chunk boundaries into items of at most about ``_SAMPLE_ITEM_BYTES`` and every item gets a seed
+    drawn from ``rng``, so the result depends on ``rng`` only, not on the number of threads.
+    """
+    threads = encode_threads() if threads is None else threads
+    items, owner = _cut(texts, _SAMPLE_ITEM_BYTES, lines=True)
+    seeds = rng.integers(0, 2**64, size=len(items), dtype=np.uint64).tolist()
+    return _joined(owner, _in_threads(lambda a, b: segmenter.sample(items[a:b], alpha, seeds[a:b]), items, threads))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -639,14 +675,26 @@ class BytePieceTokenizerFast(PreTrainedTokenizerFast):
 
     # --- encoding -------------------------------------------------------------------------------------------------
 
-    def _raw_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text without special tokens (the deterministic segmentation, using every core)."""
-        if _viterbi is None:
-            return self._backend_raw_ids(texts)
-        if self._segmenter is None:
+    def _c_segmenter(self) -> Any | None:
+        if self._segmenter is None and _viterbi is not None:
             vocab = self._vocab_cache
             self._segmenter = c_segmenter(vocab.pieces, vocab.log_probs.tolist(), vocab.first_id)
-        return segment_in_threads(self._segmenter, [_utf8(nfc(text)) for text in texts])
+        return self._segmenter if _viterbi is not None else None
+
+    def _raw_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text without special tokens (the deterministic segmentation, using every core)."""
+        segmenter = self._c_segmenter()
+        if segmenter is None:
+            return self._backend_raw_ids(texts)
+        return segment_in_threads(segmenter, [_utf8(nfc(text)) for text in texts])
+
+    def _sampled_raw_ids(self, texts: Sequence[str], alpha: float, rng: np.random.Generator) -> list[list[int]] | None:
+        """Sampled ids of each text without special tokens (see ``hf_su.tokenization.sampling``) through the C
+        segmenter, or None when it is not built or the text may hold added tokens that must stay whole."""
+        segmenter = self._c_segmenter()
+        if segmenter is None or not self._plain_text_only(self.split_special_tokens):
+            return None
+        return sample_in_threads(segmenter, [_utf8(nfc(text)) for text in texts], alpha, rng)
 
     def _backend_raw_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """:meth:`_raw_ids` through the backend Unigram model (used when the C segmenter is not built)."""
@@ -747,9 +795,12 @@ class BytePieceTokenizerFast(PreTrainedTokenizerFast):
             wants_extras
             or text_pair is not None
             or truncation != TruncationStrategy.DO_NOT_TRUNCATE
-            or not split_special
+            or not self._plain_text_only(split_special)
             or not all(isinstance(t, str) for t in texts)
-            or not all(token.special for token in self.added_tokens_decoder.values())
         ):
             return None
         return self._special_affixes(kwargs.get("add_special_tokens", True))
+
+    def _plain_text_only(self, split_special_tokens: bool) -> bool:
+        """Whether all text is segmented as bytes: special tokens are split and no other tokens were added."""
+        return split_special_tokens and all(token.special for token in self.added_tokens_decoder.values())

@@ -471,6 +471,20 @@ def _split_words(words: list[str], size: int) -> list[list[str]]:
     return [words[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
+def _bytepiece_sample(
+    tokenizer: Any, texts: Sequence[str], alpha: float, rng: np.random.Generator
+) -> list[list[int]] | None:
+    """A BytePiece tokenizer samples in its C segmenter (same law, one pass per chunk); None for other tokenizers."""
+    from .bytepiece import BytePieceTokenizerFast
+
+    if not isinstance(tokenizer, BytePieceTokenizerFast):
+        return None
+    for text in texts:
+        if not isinstance(text, str):
+            raise _text_type_error(text)
+    return tokenizer._sampled_raw_ids(texts, alpha, rng)
+
+
 def _encode_many(
     tokenizer: Any, texts: Sequence[str], alpha: float, rng: np.random.Generator, add_special_tokens: bool
 ) -> list[list[int]]:
@@ -482,6 +496,9 @@ def _encode_many(
                 raise _text_type_error(text)
         return [enc.ids for enc in backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
     prefix, suffix = _special_affixes(backend) if add_special_tokens else ([], [])
+    sampled = _bytepiece_sample(tokenizer, texts, alpha, rng)
+    if sampled is not None:
+        return [prefix + ids + suffix for ids in sampled] if prefix or suffix else sampled
 
     results: list[list[int]] = [[] for _ in texts]
     whole: set[int] = set()  # texts encoded by tokenizers first (added tokens inside), special tokens included
