@@ -13,7 +13,7 @@ from transformers import AttentionInterface, AttentionMaskInterface, AutoModelFo
 from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers.masking_utils import sdpa_mask
 
-from hf_su.modeling.hwfa import HWFA_ATTENTION, hwfa_config, load_causal_lm, sliding_window_attention
+from hf_su.modeling.hwfa import HWFA_ATTENTION, hwfa_config, load_causal_lm, load_config, sliding_window_attention
 from hf_su.testing import tiny_config
 
 from .conftest import tolerance
@@ -453,29 +453,45 @@ def test_resaved_reloaded_model_keeps_its_attention_in_a_fresh_process(tmp_path)
     subprocess.run([sys.executable, "-c", _FRESH_PROCESS_CHECK, *folders], check=True, capture_output=True)
 
 
-def test_load_causal_lm_restores_an_implementation_a_resave_lost(tmp_path):
+def _saved_without_implementation(folder):
+    """An HWFA llama saved as a plain from_pretrained reload re-saved it before: config.json without the name."""
     model = _model("llama", window=4, full_layers=(1,), layers=3, dtype=torch.float32)
-    ids = _ids()
-    expected = model(ids).logits
-    model.save_pretrained(tmp_path / "lost")
-    config_file = tmp_path / "lost" / "config.json"
-    config = json.loads(config_file.read_text())
-    del config["attn_implementation"]  # what saving a plain from_pretrained reload wrote
-    config_file.write_text(json.dumps(config))
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "lost").config._attn_implementation == "sdpa"
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["attn_implementation"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert AutoModelForCausalLM.from_pretrained(folder).config._attn_implementation == "sdpa"  # silently full attention
+    return model
 
+
+def test_load_causal_lm_restores_an_implementation_a_resave_lost(tmp_path):
+    model = _saved_without_implementation(tmp_path / "lost")
+    ids = _ids()
     restored = load_causal_lm(str(tmp_path / "lost")).eval()
     assert restored.config._attn_implementation == HWFA_ATTENTION
-    torch.testing.assert_close(restored(ids).logits, expected, **tolerance(torch.float32))
+    torch.testing.assert_close(restored(ids).logits, model(ids).logits, **tolerance(torch.float32))
     restored.save_pretrained(tmp_path / "restored")
     assert json.loads((tmp_path / "restored" / "config.json").read_text())["attn_implementation"] == HWFA_ATTENTION
-    with pytest.raises(ValueError, match="needs attn_implementation='hf_su_hwfa'.*window layers"):
-        load_causal_lm(str(tmp_path / "lost"), attn_implementation="sdpa")
+    for load in (load_causal_lm, load_config):
+        with pytest.raises(ValueError, match="needs attn_implementation='hf_su_hwfa'.*window layers"):
+            load(str(tmp_path / "lost"), attn_implementation="sdpa")
 
 
-def test_load_causal_lm_leaves_natively_windowed_models_alone(tmp_path):
+def test_training_on_from_a_saved_model_keeps_its_attention(tmp_path):
+    """``hf-su train --model <saved HWFA llama>`` builds its config with load_config, so its output re-saves intact."""
+    from hf_su.pipeline import TrainSettings, _model_config
+
+    _saved_without_implementation(tmp_path / "lost")
+    config = _model_config(TrainSettings(model=str(tmp_path / "lost")), vocab_size=512)
+    assert config._attn_implementation == HWFA_ATTENTION and config.to_dict()["attn_implementation"] == HWFA_ATTENTION
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "trained")
+    assert json.loads((tmp_path / "trained" / "config.json").read_text())["attn_implementation"] == HWFA_ATTENTION
+
+
+def test_loaders_leave_natively_windowed_models_alone(tmp_path):
     _model("qwen2", window=4, full_layers=(1,), layers=3, dtype=torch.float32).save_pretrained(tmp_path / "qwen")
     for kwargs, implementation in (({}, "sdpa"), ({"attn_implementation": "eager"}, "eager")):
         model = load_causal_lm(str(tmp_path / "qwen"), **kwargs)
         assert model.config._attn_implementation == implementation
         assert "attn_implementation" not in model.config.to_dict()
+    assert "attn_implementation" not in load_config(str(tmp_path / "qwen")).to_dict()

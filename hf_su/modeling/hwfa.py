@@ -19,9 +19,9 @@ Where the structure lives, so that it is saved by ``save_pretrained``:
   selects it by itself once this module has been imported (without it, transformers refuses the unknown name instead
   of silently running full attention). Loading consumes that key: transformers keeps the implementation only at
   runtime and never writes it back, so a model reloaded with plain ``from_pretrained`` and saved again loses it.
-  :func:`load_causal_lm` (which hf_su's evaluation, generation and CLI use) keeps it in the config, so its models
-  re-save intact, and restores it for a config.json that already lost it. Passing another ``attn_implementation``
-  also loses it (``load_causal_lm`` refuses that).
+  :func:`load_causal_lm` and :func:`load_config` (which hf_su's evaluation, generation and training use) keep it
+  in the config, so what they load re-saves intact, and restore it for a config.json that already lost it. Passing
+  another ``attn_implementation`` also loses it (they refuse that).
 
 Caches: the default ``DynamicCache`` (bounded ``DynamicSlidingWindowLayer`` for window layers) and ``StaticCache``
 (``StaticSlidingWindowLayer``) give the same results as a full recomputation. ``generate`` with a static cache works
@@ -46,7 +46,14 @@ from .positions import log_n_scale
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
-__all__ = ["HWFA_ATTENTION", "hwfa_attention_forward", "hwfa_config", "sliding_window_attention"]
+__all__ = [
+    "HWFA_ATTENTION",
+    "hwfa_attention_forward",
+    "hwfa_config",
+    "load_causal_lm",
+    "load_config",
+    "sliding_window_attention",
+]
 
 HWFA_ATTENTION = "hf_su_hwfa"
 """Name under which the HWFA attention (and its mask function) is registered with transformers."""
@@ -310,9 +317,12 @@ def hwfa_attention_forward(
     Args:
         module: The attention module (provides ``config`` and ``layer_idx``).
         query: ``[B, H, q, D]``, already rotated.
-        key: ``[B, Hkv, kv, D]``, the cached keys of this layer followed by the new ones.
+        key: ``[B, Hkv, kv, D]``, the cached keys of this layer followed by the new ones; from a static cache, all
+            its slots (filled from slot 0; the empty ones are dropped, see the mask).
         value: ``[B, Hkv, kv, D]``.
-        attention_mask: Boolean 4D mask from the registered mask function, or ``None`` (pure causal).
+        attention_mask: Boolean 4D mask from the registered mask function, or ``None`` (pure causal). Its last
+            column is the newest token (transformers' masks, and ours for static caches, end there); without a mask,
+            more keys than queries mean a decoding step (one query) or a static cache's first tokens.
         dropout: Attention dropout probability.
         scaling: Softmax scale.
         **kwargs: Passed on to SDPA for full layers (``position_ids``, ``sliding_window``, ...).
@@ -342,7 +352,7 @@ def hwfa_attention_forward(
 
 
 def _present_keys(q_len: int, kv_len: int, attention_mask: torch.Tensor | None) -> int:
-    """How many of the ``kv_len`` keys a layer got hold tokens; the others are empty slots of a static cache.
+    """The number of leading keys that hold tokens; the keys after them are empty slots of a static cache.
 
     Dynamic caches return only real keys, the newest last. A static cache returns all its slots, filled from slot 0,
     and then either transformers leaves the mask out (its first tokens: causal from the top-left corner), or the mask
@@ -403,13 +413,38 @@ def _hwfa_mask(
     )
 
 
+def load_config(path: str, **kwargs: Any) -> PretrainedConfig:
+    """``AutoConfig.from_pretrained(path, **kwargs)``, keeping an HWFA model's attention implementation.
+
+    Use it for a config that a model will be built from and saved again (e.g. to continue training a saved model):
+    see :func:`load_causal_lm` for what it keeps.
+
+    Args:
+        path: A saved model folder or hub id.
+        **kwargs: Passed to ``AutoConfig.from_pretrained``.
+
+    Returns:
+        The loaded config.
+
+    Raises:
+        ValueError: If ``attn_implementation`` names another implementation for a model that needs
+            :data:`HWFA_ATTENTION`.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    if _keep_hwfa_attention(config, path, kwargs.get("attn_implementation")):
+        config._attn_implementation = HWFA_ATTENTION
+    return config
+
+
 def load_causal_lm(path: str, **kwargs: Any) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained(path, **kwargs)``, keeping an HWFA model's attention implementation.
 
     Importing this module registers the implementation that a saved HWFA llama names, so such a model loads even
     where nothing else of hf_su was imported (e.g. evaluating a model trained in another process). An HWFA model that
     needs :data:`HWFA_ATTENTION` (Llama, or any with ``log_scale_base``) gets it even if its config.json lost the name
-    (a reloaded model saved again before this was handled), and its config keeps the name so that ``save_pretrained``
+    (a reloaded model saved again before hf_su kept it), and its config keeps the name so that ``save_pretrained``
     writes it again. Other models load exactly as ``from_pretrained`` loads them.
 
     Args:
@@ -421,27 +456,34 @@ def load_causal_lm(path: str, **kwargs: Any) -> PreTrainedModel:
 
     Raises:
         ValueError: If ``attn_implementation`` names another implementation for a model that needs
-            :data:`HWFA_ATTENTION` (its window layers would silently attend to everything).
+            :data:`HWFA_ATTENTION` (its window layers would attend to everything, or the log-n scale be skipped).
     """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    config = model.config
-    if _needs_hwfa_attention(config):
-        if config._attn_implementation != HWFA_ATTENTION:
-            if kwargs.get("attn_implementation") is not None:
-                lost = (
-                    "its window layers would attend to the whole sequence"
-                    if config.model_type not in _NATIVE_WINDOW
-                    else "its full layers would skip the log-n scale"
-                )
-                raise ValueError(
-                    f"{path!r} is an HWFA {config.model_type} model that needs attn_implementation="
-                    f"{HWFA_ATTENTION!r}; got attn_implementation={kwargs['attn_implementation']!r}, under which {lost}"
-                )
-            model.set_attn_implementation(HWFA_ATTENTION)
-        _persist_hwfa_attention(config)
+    if _keep_hwfa_attention(model.config, path, kwargs.get("attn_implementation")):
+        model.set_attn_implementation(HWFA_ATTENTION)
     return model
+
+
+def _keep_hwfa_attention(config: PretrainedConfig, path: str, requested: str | None) -> bool:
+    """Persist :data:`HWFA_ATTENTION` in a loaded config that needs it; True if it must also be selected at runtime
+    (its config.json lost the name). Refuses an explicitly requested other implementation."""
+    if not _needs_hwfa_attention(config):
+        return False
+    switch = config._attn_implementation != HWFA_ATTENTION
+    if switch and requested is not None:
+        lost = (
+            "its window layers would attend to the whole sequence"
+            if config.model_type not in _NATIVE_WINDOW
+            else "its full layers would skip the log-n scale"
+        )
+        raise ValueError(
+            f"{path!r} is an HWFA {config.model_type} model that needs attn_implementation={HWFA_ATTENTION!r}; got "
+            f"attn_implementation={requested!r}, under which {lost}"
+        )
+    _persist_hwfa_attention(config)
+    return switch
 
 
 AttentionInterface.register(HWFA_ATTENTION, hwfa_attention_forward)
