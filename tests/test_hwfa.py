@@ -450,11 +450,12 @@ def test_resaved_reloaded_model_keeps_its_attention_in_a_fresh_process(tmp_path)
         once, twice = (json.loads((folder / name / "config.json").read_text()) for name in ("once", "twice"))
         assert twice == once and twice["attn_implementation"] == HWFA_ATTENTION
         folders.append(str(folder))
-    subprocess.run([sys.executable, "-c", _FRESH_PROCESS_CHECK, *folders], check=True, capture_output=True)
+    result = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_CHECK, *folders], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def _saved_without_implementation(folder):
-    """An HWFA llama saved as a plain from_pretrained reload re-saved it before: config.json without the name."""
+    """Save an HWFA llama, then drop the implementation name from config.json as re-saving a plain reload did."""
     model = _model("llama", window=4, full_layers=(1,), layers=3, dtype=torch.float32)
     model.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -477,7 +478,7 @@ def test_load_causal_lm_restores_an_implementation_a_resave_lost(tmp_path):
             load(str(tmp_path / "lost"), attn_implementation="sdpa")
 
 
-def test_training_on_from_a_saved_model_keeps_its_attention(tmp_path):
+def test_hf_su_train_on_a_saved_model_keeps_its_attention(tmp_path):
     """``hf-su train --model <saved HWFA llama>`` builds its config with load_config, so its output re-saves intact."""
     from hf_su.pipeline import TrainSettings, _model_config
 
