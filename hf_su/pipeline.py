@@ -199,7 +199,7 @@ def _load_or_train_tokenizer(settings: TrainSettings, train_docs: list[str], wor
 
 def _model_config(settings: TrainSettings, vocab_size: int, tokenizer=None):
     """The model config: a preset sized for ``vocab_size``, or the one in ``settings.model``; HWFA applied if asked."""
-    from transformers import AutoConfig, LlamaConfig
+    from transformers import LlamaConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if settings.model in MODEL_PRESETS:
@@ -223,8 +223,10 @@ def _model_config(settings: TrainSettings, vocab_size: int, tokenizer=None):
                 f"--model {settings.model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a directory with a "
                 "config.json"
             )
+        from .modeling.hwfa import load_config
+
         try:
-            config = AutoConfig.from_pretrained(settings.model)
+            config = load_config(settings.model)  # a saved HWFA model keeps its attention implementation when re-saved
         except (ValueError, KeyError, OSError) as err:
             raise PipelineError(f"--model {settings.model!r}: unreadable config ({err})") from None
         if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM, DynamicCache
+from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM, DynamicCache, StaticCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers.masking_utils import sdpa_mask
 
-from hf_su.modeling.hwfa import HWFA_ATTENTION, hwfa_config, sliding_window_attention
+from hf_su.modeling.hwfa import HWFA_ATTENTION, hwfa_config, load_causal_lm, load_config, sliding_window_attention
 from hf_su.testing import tiny_config
 
 from .conftest import tolerance
@@ -275,12 +278,6 @@ def test_save_and_reload_keeps_the_hybrid_structure(arch, tmp_path):
     if arch != "llama":
         reloaded.set_attn_implementation(HWFA_ATTENTION)
         torch.testing.assert_close(reloaded(ids).logits, expected, **tolerance(torch.float32))
-    else:  # the documented recipe for saving a reloaded Llama HWFA model again
-        reloaded.config.attn_implementation = HWFA_ATTENTION
-        reloaded.save_pretrained(tmp_path / "again")
-        again = AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
-        assert again.config._attn_implementation == HWFA_ATTENTION
-        torch.testing.assert_close(again(ids).logits, expected, **tolerance(torch.float32))
 
 
 def test_full_layers_equal_rerope_after_patch_rerope():
@@ -337,3 +334,165 @@ def test_patch_rerope_keeps_window_layers_bounded_and_survives_reload(tmp_path):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, **EXACT)
     reloaded = rerope.patch_rerope(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64), window=6)
     torch.testing.assert_close(reloaded.eval()(ids, use_cache=False).logits, full, **EXACT)
+
+
+# ---- static caches ---------------------------------------------------------------------------------------------
+
+GREEDY = dict(do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True, output_logits=True)
+
+
+def _left_padded_batch(pad=7):
+    """A 2-token prompt (shorter than the window) left-padded next to a 9-token one."""
+    short, long = _ids(batch=1, n=2, seed=2), _ids(batch=1, n=pad + 2, seed=3)
+    ids = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1), long])
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize(("arch", "full_layers"), [("llama", (1,)), ("llama", ()), ("qwen2", (1,)), ("qwen3", (1,))])
+@pytest.mark.parametrize("max_cache_len", [13, 20])
+def test_static_cache_forward_equals_dynamic_and_full_recomputation(arch, full_layers, max_cache_len):
+    """Window layers' StaticSlidingWindowLayer through every state (filling, becoming full, full, chunks after full),
+    full layers' StaticLayer with empty slots or exactly filled, left padding; ``full_layers=()`` sizes Llama's one
+    mask by a window layer."""
+    model = _model(arch, window=4, full_layers=full_layers, layers=3)
+    ids = _ids(n=13)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    full = model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    steps = [(0, 2), (2, 3), (3, 4), (4, 5), (5, 9), (9, 10), (10, 13)]
+
+    def run(cache):
+        return torch.cat(
+            [
+                model(ids[:, a:b], attention_mask=mask[:, :b], position_ids=positions[:, a:b], cache=cache).logits
+                for a, b in steps
+            ],
+            dim=1,
+        )
+
+    static = run(StaticCache(config=model.config, max_cache_len=max_cache_len))
+    dynamic = run(DynamicCache(config=model.config))
+    real = mask.bool()
+    torch.testing.assert_close(static[real], dynamic[real], **EXACT)
+    torch.testing.assert_close(static[real], full[real], **EXACT)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_generate_with_static_cache_equals_dynamic(arch):
+    model = _model(arch, window=4, full_layers=(1,), layers=3, log_scale_base=6 if arch == "qwen2" else None)
+    batch, mask = _left_padded_batch()
+    for ids, attention_mask in ((batch[:1, -2:], None), (batch, mask)):  # a prompt shorter than the window alone
+        settings = dict(attention_mask=attention_mask, max_new_tokens=8, **GREEDY)
+        dynamic = model.generate(ids, **settings)
+        for static_kwargs in (
+            dict(cache_implementation="static"),
+            dict(cache=StaticCache(config=model.config, max_cache_len=ids.shape[1] + 8)),
+        ):
+            static = model.generate(ids, **settings, **static_kwargs)
+            assert static.sequences.tolist() == dynamic.sequences.tolist()
+            torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), **EXACT)
+
+
+def test_llama_generate_with_static_cache_is_refused_clearly():
+    model = _model("llama", window=4, full_layers=(1,), layers=3)
+    ids, mask = _left_padded_batch()
+    settings = dict(attention_mask=mask, max_new_tokens=3, **GREEDY)
+    for static_kwargs in (
+        dict(cache_implementation="static"),
+        dict(cache=StaticCache(config=model.config, max_cache_len=20)),
+    ):
+        with pytest.raises(ValueError, match="static cache .* not supported by HWFA llama.* default dynamic cache"):
+            model.generate(ids, **settings, **static_kwargs)
+    assert model.generate(ids, **settings).sequences.shape == (2, ids.shape[1] + 3)  # the alternative works
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_static_cache_is_refused_after_patch_rerope(arch):
+    rerope = pytest.importorskip("hf_su.modeling.rerope")
+    model = rerope.patch_rerope(_model(arch, window=4, full_layers=(1,), layers=3), window=3)
+    ids, mask = _left_padded_batch()
+    with pytest.raises(ValueError, match="(?i)static ?cache"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, cache_implementation="static", **GREEDY)
+    with pytest.raises(ValueError, match="(?i)static ?cache"):
+        model(ids, attention_mask=mask, cache=StaticCache(config=model.config, max_cache_len=20))
+
+
+# ---- saving a reloaded model again -----------------------------------------------------------------------------
+
+_FRESH_PROCESS_CHECK = """
+import sys, torch
+import hf_su.modeling.hwfa  # registers the implementation; the rest is plain transformers
+from transformers import AutoModelForCausalLM
+
+for folder in sys.argv[1:]:
+    expected = torch.load(folder + "/expected.pt")
+    model = AutoModelForCausalLM.from_pretrained(folder + "/twice").eval()
+    assert model.config._attn_implementation == "hf_su_hwfa", model.config._attn_implementation
+    torch.testing.assert_close(model(expected["ids"]).logits, expected["logits"], rtol=1e-5, atol=1e-5)
+"""
+
+
+def test_resaved_reloaded_model_keeps_its_attention_in_a_fresh_process(tmp_path):
+    folders = []
+    for arch, log_scale_base in (("llama", None), ("qwen2", 8)):  # the two kinds that need HWFA_ATTENTION
+        folder = tmp_path / arch
+        model = _model(arch, window=4, full_layers=(1,), layers=3, log_scale_base=log_scale_base, dtype=torch.float32)
+        ids = _ids(n=20)
+        folder.mkdir()
+        with torch.no_grad():
+            torch.save({"ids": ids, "logits": model(ids).logits}, folder / "expected.pt")
+        model.save_pretrained(folder / "once")
+        load_causal_lm(str(folder / "once")).save_pretrained(folder / "twice")
+        # nothing of the saved config changes on the way (structure, settings, implementation name)
+        once, twice = (json.loads((folder / name / "config.json").read_text()) for name in ("once", "twice"))
+        assert twice == once and twice["attn_implementation"] == HWFA_ATTENTION
+        folders.append(str(folder))
+    result = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_CHECK, *folders], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _saved_without_implementation(folder):
+    """Save an HWFA llama, then drop the implementation name from config.json as re-saving a plain reload did."""
+    model = _model("llama", window=4, full_layers=(1,), layers=3, dtype=torch.float32)
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["attn_implementation"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert AutoModelForCausalLM.from_pretrained(folder).config._attn_implementation == "sdpa"  # silently full attention
+    return model
+
+
+def test_load_causal_lm_restores_an_implementation_a_resave_lost(tmp_path):
+    model = _saved_without_implementation(tmp_path / "lost")
+    ids = _ids()
+    restored = load_causal_lm(str(tmp_path / "lost")).eval()
+    assert restored.config._attn_implementation == HWFA_ATTENTION
+    torch.testing.assert_close(restored(ids).logits, model(ids).logits, **tolerance(torch.float32))
+    restored.save_pretrained(tmp_path / "restored")
+    assert json.loads((tmp_path / "restored" / "config.json").read_text())["attn_implementation"] == HWFA_ATTENTION
+    for load in (load_causal_lm, load_config):
+        with pytest.raises(ValueError, match="needs attn_implementation='hf_su_hwfa'.*window layers"):
+            load(str(tmp_path / "lost"), attn_implementation="sdpa")
+
+
+def test_hf_su_train_on_a_saved_model_keeps_its_attention(tmp_path):
+    """``hf-su train --model <saved HWFA llama>`` builds its config with load_config, so its output re-saves intact."""
+    from hf_su.pipeline import TrainSettings, _model_config
+
+    _saved_without_implementation(tmp_path / "lost")
+    config = _model_config(TrainSettings(model=str(tmp_path / "lost")), vocab_size=512)
+    assert config._attn_implementation == HWFA_ATTENTION and config.to_dict()["attn_implementation"] == HWFA_ATTENTION
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "trained")
+    assert json.loads((tmp_path / "trained" / "config.json").read_text())["attn_implementation"] == HWFA_ATTENTION
+
+
+def test_loaders_leave_natively_windowed_models_alone(tmp_path):
+    _model("qwen2", window=4, full_layers=(1,), layers=3, dtype=torch.float32).save_pretrained(tmp_path / "qwen")
+    for kwargs, implementation in (({}, "sdpa"), ({"attn_implementation": "eager"}, "eager")):
+        model = load_causal_lm(str(tmp_path / "qwen"), **kwargs)
+        assert model.config._attn_implementation == implementation
+        assert "attn_implementation" not in model.config.to_dict()
+    assert "attn_implementation" not in load_config(str(tmp_path / "qwen")).to_dict()

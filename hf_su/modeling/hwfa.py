@@ -16,11 +16,17 @@ Where the structure lives, so that it is saved by ``save_pretrained``:
   Its window layers run a blocked sliding-window attention in O(n * window) time and memory (a dense n x n masked
   SDPA would be O(n^2)); its full layers run transformers' SDPA. Llama ignores ``sliding_window``, so a Llama HWFA
   model *needs* this implementation; its saved config names it (``"attn_implementation"``), and ``from_pretrained``
-  selects it by itself once this module has been imported, as :func:`load_causal_lm` and hf_su's evaluation and
-  generation do (without it, transformers refuses the unknown name instead of silently running full attention). Two ways to lose it, both transformers behaviour: passing another
-  ``attn_implementation`` to ``from_pretrained``/``set_attn_implementation``, and saving a *reloaded* model again
-  (transformers does not write the implementation name back; set ``model.config.attn_implementation =
-  HWFA_ATTENTION`` before re-saving, or rebuild the config with :func:`hwfa_config`).
+  selects it by itself once this module has been imported (without it, transformers refuses the unknown name instead
+  of silently running full attention). Loading consumes that key: transformers keeps the implementation only at
+  runtime and never writes it back, so a model reloaded with plain ``from_pretrained`` and saved again loses it.
+  :func:`load_causal_lm` and :func:`load_config` (which hf_su's evaluation, generation and training use) keep it
+  in the config, so what they load re-saves intact, and restore it for a config.json that already lost it. Passing
+  another ``attn_implementation`` also loses it (they refuse that).
+
+Caches: the default ``DynamicCache`` (bounded ``DynamicSlidingWindowLayer`` for window layers) and ``StaticCache``
+(``StaticSlidingWindowLayer``) give the same results as a full recomputation. ``generate`` with a static cache works
+for Qwen; for Llama it is refused with a ValueError, because transformers then precomputes one mask per layer type
+and Llama's forward takes a single one (a StaticCache passed to the forward itself works).
 """
 
 from __future__ import annotations
@@ -40,7 +46,14 @@ from .positions import log_n_scale
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
-__all__ = ["HWFA_ATTENTION", "hwfa_attention_forward", "hwfa_config", "sliding_window_attention"]
+__all__ = [
+    "HWFA_ATTENTION",
+    "hwfa_attention_forward",
+    "hwfa_config",
+    "load_causal_lm",
+    "load_config",
+    "sliding_window_attention",
+]
 
 HWFA_ATTENTION = "hf_su_hwfa"
 """Name under which the HWFA attention (and its mask function) is registered with transformers."""
@@ -121,13 +134,27 @@ def hwfa_config(
         setattr(cfg, key, value)
     cfg.hwfa = {"window": window, "full_layers": sorted(full), "log_scale_base": log_scale_base}
     cfg._attn_implementation = HWFA_ATTENTION
-    if model_type not in _NATIVE_WINDOW or log_scale_base is not None:
-        # Saved into config.json and read back by from_pretrained: without HWFA_ATTENTION this model would silently
-        # compute full attention (Llama) or skip the log-n scale.
-        cfg.attn_implementation = HWFA_ATTENTION
+    if _needs_hwfa_attention(cfg):
+        _persist_hwfa_attention(cfg)
     elif "attn_implementation" in cfg.__dict__:
         del cfg.attn_implementation
     return cfg
+
+
+def _needs_hwfa_attention(config: PretrainedConfig) -> bool:
+    """True for HWFA configs that only :data:`HWFA_ATTENTION` computes right: Llama (no window layers of its own)
+    and any model with the log-n scale."""
+    hwfa = getattr(config, "hwfa", None)
+    if not isinstance(hwfa, dict):
+        return False
+    return getattr(config, "model_type", None) not in _NATIVE_WINDOW or hwfa.get("log_scale_base") is not None
+
+
+def _persist_hwfa_attention(config: PretrainedConfig) -> None:
+    # A plain attribute is written to config.json, which from_pretrained reads to select the implementation. Loading
+    # consumes that key (it becomes the runtime-only config._attn_implementation, never saved), so every config that
+    # comes out of a load needs it set again, or the next save_pretrained silently drops it.
+    config.attn_implementation = HWFA_ATTENTION
 
 
 def _full_layer_indices(full_layers: Sequence[int] | None, num_layers: int) -> frozenset[int]:
@@ -290,9 +317,12 @@ def hwfa_attention_forward(
     Args:
         module: The attention module (provides ``config`` and ``layer_idx``).
         query: ``[B, H, q, D]``, already rotated.
-        key: ``[B, Hkv, kv, D]``, the cached keys of this layer followed by the new ones.
+        key: ``[B, Hkv, kv, D]``, the cached keys of this layer followed by the new ones; from a static cache, all
+            its slots (filled from slot 0; the empty ones are dropped, see the mask).
         value: ``[B, Hkv, kv, D]``.
-        attention_mask: Boolean 4D mask from the registered mask function, or ``None`` (pure causal).
+        attention_mask: Boolean 4D mask from the registered mask function, or ``None`` (pure causal). Its last
+            column is the newest token (transformers' masks, and ours for static caches, end there); without a mask,
+            more keys than queries mean a decoding step (one query) or a static cache's first tokens.
         dropout: Attention dropout probability.
         scaling: Softmax scale.
         **kwargs: Passed on to SDPA for full layers (``position_ids``, ``sliding_window``, ...).
@@ -301,6 +331,9 @@ def hwfa_attention_forward(
         ``(output [B, q, H, D], None)``.
     """
     config = module.config
+    present = _present_keys(query.shape[-2], key.shape[-2], attention_mask)
+    if present < key.shape[-2]:
+        key, value = key[:, :, :present], value[:, :, :present]
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None and layer_types[module.layer_idx] == "sliding_attention":
         mask = attention_mask[..., -key.shape[-2] :] if attention_mask is not None else None
@@ -318,6 +351,18 @@ def hwfa_attention_forward(
     return out, None
 
 
+def _present_keys(q_len: int, kv_len: int, attention_mask: torch.Tensor | None) -> int:
+    """The number of leading keys that hold tokens; the keys after them are empty slots of a static cache.
+
+    Dynamic caches return only real keys, the newest last. A static cache returns all its slots, filled from slot 0,
+    and then either transformers leaves the mask out (its first tokens: causal from the top-left corner), or the mask
+    ends at the newest token (:func:`_hwfa_mask` makes sure of that for models that share one mask between layers).
+    """
+    if attention_mask is not None:
+        return min(kv_len, attention_mask.shape[-1])
+    return q_len if q_len > 1 else kv_len
+
+
 def _query_log_scale(
     position_ids: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, base: float
 ) -> torch.Tensor:
@@ -328,22 +373,117 @@ def _query_log_scale(
     return scale[:, None, :, None].to(query.dtype)
 
 
-def _hwfa_mask(*args: Any, local_size: int | None = None, **kwargs: Any) -> torch.Tensor | None:
+def _hwfa_mask(
+    *,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | torch.Tensor = 0,
+    kv_offset: int = 0,
+    local_size: int | None = None,
+    allow_is_causal_skip: bool = True,
+    config: PretrainedConfig | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
     # Window layers apply their band themselves, so a sliding-window mask is only needed for what the band cannot
     # express (padding, packed sequences). Dropping local_size lets transformers return None in the plain causal case
     # instead of materialising an n x n band.
-    return sdpa_mask(*args, **kwargs)
+    if config is not None and getattr(config, "model_type", None) not in _NATIVE_WINDOW:
+        if local_size is not None:
+            # Only generate() asks a Llama config for a per-layer-type mask, when it precomputes masks for a static
+            # cache; it then hands Llama's forward a dict of masks, which that forward cannot take.
+            raise ValueError(
+                f"generate() with a static cache (cache_implementation='static' or a StaticCache) is not supported by "
+                f"HWFA {config.model_type} models: transformers then precomputes one attention mask per layer type, "
+                f"and {config.model_type}'s forward takes a single mask. Use the default dynamic cache (its window "
+                "layers keep at most `window` tokens), or call the model's forward with a StaticCache yourself."
+            )
+        # Llama hands this one mask to every layer. A static cache sizes it to all its slots, the empty ones too; a
+        # mask that ends at the newest token tells each layer which of its keys are real (hwfa_attention_forward).
+        present = int(q_offset) + q_length - kv_offset
+        if present < kv_length:
+            kv_length, allow_is_causal_skip = present, False
+    return sdpa_mask(
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        allow_is_causal_skip=allow_is_causal_skip,
+        config=config,
+        **kwargs,
+    )
+
+
+def load_config(path: str, **kwargs: Any) -> PretrainedConfig:
+    """``AutoConfig.from_pretrained(path, **kwargs)``, keeping an HWFA model's attention implementation.
+
+    Use it for a config that a model will be built from and saved again (e.g. to continue training a saved model):
+    see :func:`load_causal_lm` for what it keeps.
+
+    Args:
+        path: A saved model folder or hub id.
+        **kwargs: Passed to ``AutoConfig.from_pretrained``.
+
+    Returns:
+        The loaded config.
+
+    Raises:
+        ValueError: If ``attn_implementation`` names another implementation for a model that needs
+            :data:`HWFA_ATTENTION`.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    if _keep_hwfa_attention(config, path, kwargs.get("attn_implementation")):
+        config._attn_implementation = HWFA_ATTENTION
+    return config
 
 
 def load_causal_lm(path: str, **kwargs: Any) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` in a process that knows :data:`HWFA_ATTENTION`.
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)``, keeping an HWFA model's attention implementation.
 
     Importing this module registers the implementation that a saved HWFA llama names, so such a model loads even
-    where nothing else of hf_su was imported (e.g. evaluating a model trained in another process).
+    where nothing else of hf_su was imported (e.g. evaluating a model trained in another process). An HWFA model that
+    needs :data:`HWFA_ATTENTION` (Llama, or any with ``log_scale_base``) gets it even if its config.json lost the name
+    (a reloaded model saved again before hf_su kept it), and its config keeps the name so that ``save_pretrained``
+    writes it again. Other models load exactly as ``from_pretrained`` loads them.
+
+    Args:
+        path: A saved model folder or hub id.
+        **kwargs: Passed to ``AutoModelForCausalLM.from_pretrained``.
+
+    Returns:
+        The loaded model.
+
+    Raises:
+        ValueError: If ``attn_implementation`` names another implementation for a model that needs
+            :data:`HWFA_ATTENTION` (its window layers would attend to everything, or the log-n scale be skipped).
     """
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if _keep_hwfa_attention(model.config, path, kwargs.get("attn_implementation")):
+        model.set_attn_implementation(HWFA_ATTENTION)
+    return model
+
+
+def _keep_hwfa_attention(config: PretrainedConfig, path: str, requested: str | None) -> bool:
+    """Persist :data:`HWFA_ATTENTION` in a loaded config that needs it; True if it must also be selected at runtime
+    (its config.json lost the name). Refuses an explicitly requested other implementation."""
+    if not _needs_hwfa_attention(config):
+        return False
+    switch = config._attn_implementation != HWFA_ATTENTION
+    if switch and requested is not None:
+        lost = (
+            "its window layers would attend to the whole sequence"
+            if config.model_type not in _NATIVE_WINDOW
+            else "its full layers would skip the log-n scale"
+        )
+        raise ValueError(
+            f"{path!r} is an HWFA {config.model_type} model that needs attn_implementation={HWFA_ATTENTION!r}; got "
+            f"attn_implementation={requested!r}, under which {lost}"
+        )
+    _persist_hwfa_attention(config)
+    return switch
 
 
 AttentionInterface.register(HWFA_ATTENTION, hwfa_attention_forward)
