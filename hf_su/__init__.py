@@ -17,6 +17,7 @@ _LAZY_EXPORTS: dict[str, str] = {
     "embedded_corpus": ".data",
     "deer_rnn": ".modeling.deer",
     "hwfa_config": ".modeling.hwfa",
+    "load_causal_lm": ".modeling.hwfa",
     "patch_rerope": ".modeling.rerope",
     "unpatch_rerope": ".modeling.rerope",
     "emo_loss": ".trainer.emo",
@@ -41,7 +42,7 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
     from .data import embedded_corpus  # noqa: F401
     from .generation.healing import HealingLogitsProcessor, generate_healed  # noqa: F401
     from .modeling.deer import deer_rnn  # noqa: F401
-    from .modeling.hwfa import hwfa_config  # noqa: F401
+    from .modeling.hwfa import hwfa_config, load_causal_lm  # noqa: F401
     from .modeling.rerope import patch_rerope, unpatch_rerope  # noqa: F401
     from .tokenization.bytepiece import BytePieceTokenizerFast  # noqa: F401
     from .tokenization.sampling import viterbi_sample  # noqa: F401

@@ -51,7 +51,7 @@ class TrainSettings:
     tokenizer: str | None = None  # HF tokenizer dir or a BytePiece .model file; None: train BytePiece on the data
     vocab_size: int = 4096
     model: str = "small"  # a preset of MODEL_PRESETS or a local model/config directory
-    attention: str = "rope"  # "rope" (full attention everywhere) or "hwfa"
+    attention: str = "rope"  # "rope": the model as configured (full attention for presets) or "hwfa"
     hwfa_window: int = 64
     hwfa_full_layers: Sequence[int] | None = None
     seq_len: int = 256
