@@ -284,6 +284,7 @@ typedef struct {
     double *best;    /* best score of a segmentation of text[0:e] */
     int32_t *start;  /* start of the last piece of that segmentation */
     int32_t *piece;  /* and its piece index */
+    double *mass;    /* sampling: summed edge weights into e, relative to exp(best[e]) */
     size_t cap;
     size_t failed_at; /* for the error message when a chunk cannot be segmented */
 } Scratch;
@@ -301,6 +302,9 @@ static int scratch_reserve(Scratch *s, size_t n) {
     int32_t *piece = realloc(s->piece, cap * sizeof(int32_t));
     if (!piece) return -1;
     s->piece = piece;
+    double *mass = realloc(s->mass, cap * sizeof(double));
+    if (!mass) return -1;
+    s->mass = mass;
     s->cap = cap;
     return 0;
 }
@@ -327,7 +331,7 @@ static int segment_chunk(const Segmenter *seg, const unsigned char *text, size_t
     if (scratch_reserve(s, n + 1) < 0 || ids_reserve(out, n) < 0) return -1;
     const Unit *units = seg->units;
     const double *scores = seg->scores;
-    double *best = s->best; /* best score, or with a sampler log Z, of the segmentations of text[0:e] */
+    double *best = s->best; /* best score of a segmentation of text[0:e] (sampling: see mass) */
     int32_t *start = s->start, *piece = s->piece;
     if (n == 0) return 0;
     best[0] = 0.0;
@@ -354,31 +358,42 @@ static int segment_chunk(const Segmenter *seg, const unsigned char *text, size_t
     } else {
         /* Forward filtering with a weighted reservoir: every end keeps the start of one incoming edge, replaced by
          * each new edge with probability weight / (total weight so far), so it ends up drawn in proportion to
-         * exp(log Z[start] + alpha * score). Read back from the end, the path has the law above. */
+         * Z[start] * p(piece)^alpha. Read back from the end, the path has the law above. The weights into an end
+         * are summed in linear scale relative to the first one (best[] holds its log, mass[] the sum), so an edge
+         * costs one exp and one uniform draw, and a position one log. */
         const double alpha = sampler->alpha;
+        double *mass = s->mass;
+        mass[0] = 1.0;
+        for (size_t e = 1; e <= n; e++) mass[e] = 0.0;
         for (size_t i = 0; i < n; i++) {
-            const double here = best[i];
-            if (here == -INFINITY) continue; /* unreachable (only when a byte is not a piece) */
+            if (mass[i] == 0.0) continue; /* unreachable (only when a byte is not a piece) */
+            const double here = best[i] + log(mass[i]); /* log Z of text[0:i], final: all edges into i are in */
             int32_t node = 0;
             for (size_t e = i; e < n; e++) {
                 int32_t child = units[node].base + text[e];
                 if (units[child].check != node) break;
                 node = child;
                 int32_t p = units[node].piece;
-                if (p >= 0) {
-                    double weight = here + alpha * scores[p], total = best[e + 1];
-                    if (total == -INFINITY) { /* the first edge into e is taken with probability 1 */
-                        best[e + 1] = weight;
-                        start[e + 1] = (int32_t)i;
-                        piece[e + 1] = p;
-                        continue;
-                    }
-                    total = total > weight ? total + log1p(exp(weight - total)) : weight + log1p(exp(total - weight));
-                    best[e + 1] = total;
-                    if (next_uniform(&sampler->state) < exp(weight - total)) {
-                        start[e + 1] = (int32_t)i;
-                        piece[e + 1] = p;
-                    }
+                if (p < 0) continue;
+                double weight = here + alpha * scores[p];
+                if (mass[e + 1] == 0.0) { /* the first edge into e is taken with probability 1 */
+                    best[e + 1] = weight;
+                    mass[e + 1] = 1.0;
+                    start[e + 1] = (int32_t)i;
+                    piece[e + 1] = p;
+                    continue;
+                }
+                double shift = weight - best[e + 1];
+                if (shift > 512.0) { /* rescale to the new edge before exp overflows */
+                    mass[e + 1] *= exp(-shift);
+                    best[e + 1] = weight;
+                    shift = 0.0;
+                }
+                double w = exp(shift);
+                mass[e + 1] += w;
+                if (next_uniform(&sampler->state) * mass[e + 1] < w) {
+                    start[e + 1] = (int32_t)i;
+                    piece[e + 1] = p;
                 }
             }
         }
@@ -449,7 +464,7 @@ static PyObject *segment_texts(Segmenter *self, PyObject *texts_arg, int lines, 
     /* own a reference to every text: the list may change while the GIL is released */
     PyObject **held = malloc(sizeof(PyObject *) * (size_t)(n_texts ? n_texts : 1));
     IdBuffer out = {NULL, 0, 0};
-    Scratch scratch = {NULL, NULL, NULL, 0, 0};
+    Scratch scratch = {NULL, NULL, NULL, NULL, 0, 0};
     Py_ssize_t n_held = 0;
     if (!bounds || !held) {
         PyErr_NoMemory();
@@ -535,6 +550,7 @@ done:
     free(scratch.best);
     free(scratch.start);
     free(scratch.piece);
+    free(scratch.mass);
     free(seed_values);
     Py_XDECREF(seeds);
     Py_DECREF(texts);
