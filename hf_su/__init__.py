@@ -24,6 +24,7 @@ _LAZY_EXPORTS: dict[str, str] = {
     "fused_emo_loss": ".trainer.emo",
     "EMOTrainer": ".trainer.trainer",
     "BytePieceTokenizerFast": ".tokenization.bytepiece",
+    "load_tokenizer": ".tokenization.bytepiece",
     "train_bytepiece": ".tokenization.train",
     "viterbi_sample": ".tokenization.sampling",
     "Tiger": ".trainer.tiger",
@@ -44,7 +45,7 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
     from .modeling.deer import deer_rnn  # noqa: F401
     from .modeling.hwfa import hwfa_config, load_causal_lm  # noqa: F401
     from .modeling.rerope import patch_rerope, unpatch_rerope  # noqa: F401
-    from .tokenization.bytepiece import BytePieceTokenizerFast  # noqa: F401
+    from .tokenization.bytepiece import BytePieceTokenizerFast, load_tokenizer  # noqa: F401
     from .tokenization.sampling import viterbi_sample  # noqa: F401
     from .tokenization.train import train_bytepiece  # noqa: F401
     from .trainer.emo import emo_loss, fused_emo_loss  # noqa: F401

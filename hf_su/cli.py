@@ -236,15 +236,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import os
 
     import torch
-    from transformers import AutoTokenizer
 
     from .generation.healing import generate_healed
     from .modeling.hwfa import load_causal_lm
+    from .tokenization.bytepiece import load_tokenizer
 
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         return _fail(f"{args.model!r} is not a saved model folder (no config.json)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = load_tokenizer(args.model)
         model = load_causal_lm(args.model).eval()
     except (OSError, ValueError) as err:
         return _fail(f"could not load {args.model!r}: {err}")
@@ -290,7 +290,7 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from .tokenization.bytepiece import BytePieceTokenizerFast
+    from .tokenization.bytepiece import BytePieceTokenizerFast, load_tokenizer
 
     if args.action == "train":
         from .pipeline import PipelineError, TrainSettings, read_documents
@@ -323,12 +323,7 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
         print(f"wrote {args.output} ({len(tokenizer)} tokens); load it with AutoTokenizer.from_pretrained")
         return 0
     # encode
-    if os.path.isfile(args.tokenizer):
-        tokenizer = BytePieceTokenizerFast.from_bytepiece(args.tokenizer)
-    else:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     if args.alpha is None:
         ids = tokenizer(args.text, add_special_tokens=False)["input_ids"]
     else:

@@ -172,17 +172,13 @@ def pack_blocks(token_streams: Iterator[list[int]], block: int, eos_id: int | No
 
 
 def _load_or_train_tokenizer(settings: TrainSettings, train_docs: list[str], work_dir: str):
-    from .tokenization.bytepiece import BytePieceTokenizerFast
+    from .tokenization.bytepiece import BytePieceTokenizerFast, load_tokenizer
 
     if settings.tokenizer:
         path = settings.tokenizer
         if not os.path.exists(path):
             raise PipelineError(f"tokenizer not found: {path}")
-        if os.path.isfile(path):
-            return BytePieceTokenizerFast.from_bytepiece(path)
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
+        return load_tokenizer(path)  # a BytePiece .model file or directory comes back as BytePieceTokenizerFast
     from .tokenization.train import train_bytepiece
 
     model_file = os.path.join(work_dir, "bytepiece.model")
@@ -402,7 +398,8 @@ def read_summary(model_dir: str) -> dict[str, Any] | None:
 def held_out_token_ids(model_dir: str, *, eval_fraction: float | None = None, data: Sequence[str] = ()):
     """The evaluation token stream of a finished run: its held-out documents, tokenized with its tokenizer."""
     import torch
-    from transformers import AutoTokenizer
+
+    from .tokenization.bytepiece import load_tokenizer
 
     saved = (read_summary(model_dir) or {}).get("settings", {})
     settings = TrainSettings(
@@ -412,7 +409,7 @@ def held_out_token_ids(model_dir: str, *, eval_fraction: float | None = None, da
     if eval_fraction is not None:
         settings.eval_fraction = eval_fraction
     _, eval_docs = split_documents(read_documents(settings), settings.eval_fraction)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     ids: list[int] = []
     for doc in eval_docs:
         ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])

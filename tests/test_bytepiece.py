@@ -23,13 +23,14 @@ import torch
 from tokenizers import Tokenizer
 
 from hf_su.data import embedded_corpus
-from hf_su.testing import shared_data_path
+from hf_su.testing import shared_data_path, tiny_tokenizer
 from hf_su.tokenization import bytepiece as bytepiece_module
 from hf_su.tokenization.bytepiece import (
     BYTE_TO_CHAR,
     BytePieceTokenizerFast,
     bytepiece_chunks,
     json_float,
+    load_tokenizer,
     read_bytepiece_model,
 )
 from hf_su.tokenization.train import train_bytepiece
@@ -178,6 +179,35 @@ def test_save_pretrained_autotokenizer_round_trip(tok, tmp_path):
     rust = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     rust_scores = [s for _, s in json.loads(rust.model.__getstate__())["vocab"][3:]]
     assert np.array_equal(rust_scores, tok.bytepiece_vocab().log_probs)
+
+
+def test_load_tokenizer_gives_the_fast_class_with_saved_settings(tmp_path):
+    from transformers import AutoTokenizer
+
+    model = GOLDEN["models"]["id0_eu0"]["model"]
+    settings = {"add_bos_token": True, "add_eos_token": True, "padding_side": "left", "model_max_length": 77}
+    tok = BytePieceTokenizerFast.from_bytepiece(model, **settings)
+    tok.save_pretrained(tmp_path / "bp")
+    loaded = load_tokenizer(tmp_path / "bp")
+    assert isinstance(loaded, BytePieceTokenizerFast)
+    assert (loaded.padding_side, loaded.model_max_length) == ("left", 77)
+    texts = list(TEXTS.values())
+    assert (
+        loaded(texts)["input_ids"]
+        == tok(texts)["input_ids"]
+        == AutoTokenizer.from_pretrained(tmp_path / "bp")(texts)["input_ids"]
+    )
+    assert loaded("x")["input_ids"][0] == 1 and loaded("x")["input_ids"][-1] == 2
+    model_file = _write_model(tmp_path, model)  # a reference model file
+    assert (
+        load_tokenizer(model_file)(texts)["input_ids"]
+        == BytePieceTokenizerFast.from_bytepiece(model)(texts)["input_ids"]
+    )
+    other = tiny_tokenizer(300, max_chars=20_000)  # byte-level BPE: loaded by AutoTokenizer as it is
+    other.save_pretrained(tmp_path / "bpe")
+    plain = load_tokenizer(tmp_path / "bpe")
+    assert not isinstance(plain, BytePieceTokenizerFast)
+    assert plain(texts)["input_ids"] == other(texts)["input_ids"]
 
 
 def test_autotokenizer_without_hf_su(tok, tmp_path):

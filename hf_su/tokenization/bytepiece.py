@@ -804,3 +804,35 @@ class BytePieceTokenizerFast(PreTrainedTokenizerFast):
     def _plain_text_only(self, split_special_tokens: bool) -> bool:
         """Whether all text is segmented as bytes: special tokens are split and no other tokens were added."""
         return split_special_tokens and all(token.special for token in self.added_tokens_decoder.values())
+
+
+def load_tokenizer(path: str | os.PathLike, **kwargs: Any) -> Any:
+    """``AutoTokenizer.from_pretrained(path, **kwargs)``, except that BytePiece comes back as
+    :class:`BytePieceTokenizerFast`, whose plain encoding runs in the C segmenter.
+
+    ``save_pretrained`` writes a BytePiece tokenizer as a plain ``PreTrainedTokenizerFast`` directory so that
+    transformers loads it without hf_su; ``AutoTokenizer`` then encodes through the ``tokenizers`` pipeline (same ids,
+    several times slower). This loader recognises that pipeline in ``tokenizer.json`` and loads the directory as
+    :class:`BytePieceTokenizerFast` instead (saved settings such as ``add_bos_token`` or ``padding_side`` kept).
+
+    Args:
+        path: a tokenizer directory, a reference BytePiece model file (``*.model``), or a hub id.
+        **kwargs: passed to ``from_pretrained`` (or ``from_bytepiece`` for a model file).
+
+    Returns:
+        The tokenizer.
+    """
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return BytePieceTokenizerFast.from_bytepiece(path, **kwargs)
+    tokenizer_file = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(tokenizer_file):
+        try:
+            _check_pipeline(Tokenizer.from_file(tokenizer_file))
+        except ValueError:  # another tokenizer (or an unreadable file, which AutoTokenizer reports below)
+            pass
+        else:
+            return BytePieceTokenizerFast.from_pretrained(path, **kwargs)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, **kwargs)
