@@ -1,4 +1,4 @@
-/* BytePiece's deterministic segmentation (max-score Viterbi over UTF-8 bytes) as a small CPython extension.
+/* BytePiece's segmentation (max-score Viterbi over UTF-8 bytes, or Viterbi sampling) as a small CPython extension.
  *
  * Same result as the reference package (bojone/bytepiece, `Tokenizer.encode`): every text is cut into chunks (a
  * line with its trailing newlines), and each chunk is split into the pieces whose summed float64 log-probabilities
@@ -23,6 +23,14 @@
  * `check` there is `s`. Free slots have check -1, the root (slot 0) has check -2. The arrays carry 256 slots of
  * padding past the last used base, so a lookup never needs a bounds test. */
 
+/* Resize the array `ptr` to `cap` elements; on failure return -1 from the calling function (`ptr` unchanged). */
+#define RESIZE_OR_FAIL(ptr, cap)                                       \
+    do {                                                               \
+        void *resized_ = realloc((ptr), (size_t)(cap) * sizeof(*(ptr))); \
+        if (!resized_) return -1;                                      \
+        (ptr) = resized_;                                              \
+    } while (0)
+
 typedef struct {
     int32_t base;
     int32_t check;
@@ -46,15 +54,9 @@ static int builder_grow(Builder *b, int32_t size) {
         if (new_size > INT32_MAX / 2) return -1;
         new_size *= 2;
     }
-    Unit *units = realloc(b->units, (size_t)new_size * sizeof(Unit));
-    if (!units) return -1;
-    b->units = units;
-    int32_t *next = realloc(b->next, (size_t)new_size * sizeof(int32_t));
-    if (!next) return -1;
-    b->next = next;
-    int32_t *prev = realloc(b->prev, (size_t)new_size * sizeof(int32_t));
-    if (!prev) return -1;
-    b->prev = prev;
+    RESIZE_OR_FAIL(b->units, new_size);
+    RESIZE_OR_FAIL(b->next, new_size);
+    RESIZE_OR_FAIL(b->prev, new_size);
     for (int32_t i = b->size; i < new_size; i++) {
         b->units[i].base = 0;
         b->units[i].check = -1;
@@ -82,47 +84,57 @@ typedef struct {
     const int32_t *order; /* piece indices sorted by their bytes */
 } Keys;
 
-/* Place the children of the node in `slot`, whose keys are order[lo:hi) sharing their first `depth` bytes. */
+/* Place the subtree of the node in `slot`, whose keys are order[lo:hi) sharing their first `depth` bytes. Children
+ * with fewer keys are placed by recursion and the child with the most keys by the loop, so the recursion is at most
+ * log2(number of pieces) deep however long the pieces are. */
 static int place(Builder *b, const Keys *k, int32_t slot, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t depth) {
-    if (lo < hi && k->lens[k->order[lo]] == depth) { /* the key that ends here sorts first */
-        b->units[slot].piece = k->order[lo];
-        lo++;
-    }
-    if (lo == hi) return 0;
-    /* compact types: this frame is on the stack once per byte of the longest piece */
     unsigned char labels[256];
-    int32_t starts[257];
-    int n_labels = 0;
-    for (Py_ssize_t i = lo; i < hi; i++) {
-        unsigned char c = k->keys[k->order[i]][depth];
-        if (n_labels == 0 || labels[n_labels - 1] != c) {
-            labels[n_labels] = c;
-            starts[n_labels++] = (int32_t)i;
+    Py_ssize_t starts[257];
+    for (;;) {
+        if (lo < hi && k->lens[k->order[lo]] == depth) { /* the key that ends here sorts first */
+            b->units[slot].piece = k->order[lo];
+            lo++;
         }
-    }
-    starts[n_labels] = (int32_t)hi;
+        if (lo == hi) return 0;
+        int n_labels = 0;
+        for (Py_ssize_t i = lo; i < hi; i++) {
+            unsigned char c = k->keys[k->order[i]][depth];
+            if (n_labels == 0 || labels[n_labels - 1] != c) {
+                labels[n_labels] = c;
+                starts[n_labels++] = i;
+            }
+        }
+        starts[n_labels] = hi;
 
-    /* The first free slot that fits all labels; nodes with several children try a few, then take fresh space. */
-    int32_t base = -1, candidate = b->free_head;
-    for (int tries = 0; candidate >= 0 && tries < 64; tries++, candidate = b->next[candidate]) {
-        int32_t offset = candidate - labels[0];
-        if (offset < 1) continue;
-        if (builder_grow(b, offset + 256 + 1) < 0) return -1;
-        int fits = 1;
-        for (int j = 1; j < n_labels && fits; j++) fits = b->units[offset + labels[j]].check == -1;
-        if (fits) {
-            base = offset;
-            break;
+        /* The first free slot that fits all labels; nodes with several children try a few, then take fresh space. */
+        int32_t base = -1, candidate = b->free_head;
+        for (int tries = 0; candidate >= 0 && tries < 64; tries++, candidate = b->next[candidate]) {
+            int32_t offset = candidate - labels[0];
+            if (offset < 1) continue;
+            if (builder_grow(b, offset + 256 + 1) < 0) return -1;
+            int fits = 1;
+            for (int j = 1; j < n_labels && fits; j++) fits = b->units[offset + labels[j]].check == -1;
+            if (fits) {
+                base = offset;
+                break;
+            }
         }
+        if (base < 0) base = b->high > 1 ? b->high : 1;
+        if (builder_grow(b, base + 256 + 1) < 0) return -1;
+        b->units[slot].base = base;
+        int largest = 0;
+        for (int j = 0; j < n_labels; j++) {
+            builder_take(b, base + labels[j], slot);
+            if (starts[j + 1] - starts[j] > starts[largest + 1] - starts[largest]) largest = j;
+        }
+        for (int j = 0; j < n_labels; j++) {
+            if (j != largest && place(b, k, base + labels[j], starts[j], starts[j + 1], depth + 1) < 0) return -1;
+        }
+        slot = base + labels[largest];
+        lo = starts[largest];
+        hi = starts[largest + 1];
+        depth++;
     }
-    if (base < 0) base = b->high > 1 ? b->high : 1;
-    if (builder_grow(b, base + 256 + 1) < 0) return -1;
-    b->units[slot].base = base;
-    for (int j = 0; j < n_labels; j++) builder_take(b, base + labels[j], slot);
-    for (int j = 0; j < n_labels; j++) {
-        if (place(b, k, base + labels[j], starts[j], starts[j + 1], depth + 1) < 0) return -1;
-    }
-    return 0;
 }
 
 static const Keys *sort_keys_context;
@@ -273,9 +285,7 @@ static int ids_reserve(IdBuffer *out, size_t extra) {
     if (out->len + extra <= out->cap) return 0;
     size_t cap = out->cap ? out->cap : 4096;
     while (cap < out->len + extra) cap *= 2;
-    int32_t *data = realloc(out->data, cap * sizeof(int32_t));
-    if (!data) return -1;
-    out->data = data;
+    RESIZE_OR_FAIL(out->data, cap);
     out->cap = cap;
     return 0;
 }
@@ -293,18 +303,10 @@ static int scratch_reserve(Scratch *s, size_t n) {
     if (n <= s->cap) return 0;
     size_t cap = s->cap ? s->cap : 1024;
     while (cap < n) cap *= 2;
-    double *best = realloc(s->best, cap * sizeof(double));
-    if (!best) return -1;
-    s->best = best;
-    int32_t *start = realloc(s->start, cap * sizeof(int32_t));
-    if (!start) return -1;
-    s->start = start;
-    int32_t *piece = realloc(s->piece, cap * sizeof(int32_t));
-    if (!piece) return -1;
-    s->piece = piece;
-    double *mass = realloc(s->mass, cap * sizeof(double));
-    if (!mass) return -1;
-    s->mass = mass;
+    RESIZE_OR_FAIL(s->best, cap);
+    RESIZE_OR_FAIL(s->start, cap);
+    RESIZE_OR_FAIL(s->piece, cap);
+    RESIZE_OR_FAIL(s->mass, cap);
     s->cap = cap;
     return 0;
 }
