@@ -91,6 +91,15 @@ def byte_level_to_bytes(text: str) -> bytes:
         raise ValueError(f"{text!r} is not byte-level text: {err.args[0]!r} is not one of its 256 characters") from None
 
 
+def _nfc_utf8(texts: Sequence[str]) -> list[bytes]:
+    """``[_utf8(nfc(text)) for text in texts]``, with the common case (short valid text) inlined."""
+    normalize = unicodedata.normalize
+    try:
+        return [normalize("NFC", t).encode() if len(t) <= _NFC_BLOCK else nfc(t).encode() for t in texts]
+    except UnicodeEncodeError:  # a lone surrogate: let _utf8 name it
+        return [_utf8(nfc(text)) for text in texts]
+
+
 def _utf8(text: str) -> bytes:
     """``text.encode()`` with a clear error for lone surrogates (which UTF-8 cannot represent)."""
     try:
@@ -205,20 +214,23 @@ def split_at_chunk_boundaries(data: bytes, size: int) -> list[bytes]:
     return parts
 
 
-def _cut(texts: Sequence[bytes], size: int, lines: bool) -> tuple[list[bytes], list[int]]:
-    """Texts as items of at most about ``size`` bytes (cut at chunk boundaries if ``lines``), with each item's text."""
+def _cut(texts: Sequence[bytes], size: int, lines: bool) -> tuple[list[bytes], list[int] | None]:
+    """Texts as items of at most about ``size`` bytes (cut at chunk boundaries if ``lines``), with each item's text
+    (None when no text was cut)."""
+    if not lines or not texts or max(map(len, texts)) <= size:
+        return list(texts), None
     items: list[bytes] = []
     owner: list[int] = []
     for index, text in enumerate(texts):
-        parts = split_at_chunk_boundaries(text, size) if lines and len(text) > size else [text]
+        parts = split_at_chunk_boundaries(text, size) if len(text) > size else [text]
         items += parts
         owner += [index] * len(parts)
     return items, owner
 
 
-def _joined(owner: list[int], segmented: list[list[int]]) -> list[list[int]]:
+def _joined(owner: list[int] | None, segmented: list[list[int]]) -> list[list[int]]:
     """The ids of each text from the ids of its items (see :func:`_cut`)."""
-    if len(owner) == len(set(owner)):
+    if owner is None:
         return segmented
     out: list[list[int]] = []
     for index, (text_index, ids) in enumerate(zip(owner, segmented)):
@@ -686,7 +698,7 @@ class BytePieceTokenizerFast(PreTrainedTokenizerFast):
         segmenter = self._c_segmenter()
         if segmenter is None:
             return self._backend_raw_ids(texts)
-        return segment_in_threads(segmenter, [_utf8(nfc(text)) for text in texts])
+        return segment_in_threads(segmenter, _nfc_utf8(texts))
 
     def _sampled_raw_ids(self, texts: Sequence[str], alpha: float, rng: np.random.Generator) -> list[list[int]] | None:
         """Sampled ids of each text without special tokens (see ``hf_su.tokenization.sampling``) through the C
@@ -694,7 +706,7 @@ class BytePieceTokenizerFast(PreTrainedTokenizerFast):
         segmenter = self._c_segmenter()
         if segmenter is None or not self._plain_text_only(self.split_special_tokens):
             return None
-        return sample_in_threads(segmenter, [_utf8(nfc(text)) for text in texts], alpha, rng)
+        return sample_in_threads(segmenter, _nfc_utf8(texts), alpha, rng)
 
     def _backend_raw_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """:meth:`_raw_ids` through the backend Unigram model (used when the C segmenter is not built)."""
