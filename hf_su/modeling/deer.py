@@ -220,8 +220,12 @@ class _Problem:
             )
         return J.reshape(*self.shape, *J.shape[2:])
 
-    def solve(self, h0: Tensor) -> tuple[Tensor, DEERInfo]:
-        """Iterate to the fixed point from the initial guess ``h_t = h0`` (as the reference does)."""
+    def solve(self, h0: Tensor) -> tuple[Tensor, DEERInfo, Tensor | None]:
+        """Iterate to the fixed point from the initial guess ``h_t = h0`` (as the reference does).
+
+        Returns the trajectory, the report and the chunk transitions of the last refresh (``None`` for one-step
+        chunks): the chunked adjoint reuses them as its preconditioner.
+        """
         chunks = _ChunkedSolve(self, h0)
         residual, previous = math.inf, math.inf
         for iteration in range(self.max_iters + 1):
@@ -233,7 +237,7 @@ class _Problem:
                 # The fused function only speeds things up: the answer must be the cell's own trajectory.
                 residual = chunks.sweep(refresh=False)
             if residual <= self.tol:
-                return chunks.result(), DEERInfo(iteration, residual)
+                return chunks.result(), DEERInfo(iteration, residual), (chunks.P if chunks.C > 1 else None)
             if iteration == self.max_iters:
                 break
             chunks.advance()
@@ -245,8 +249,18 @@ class _Problem:
             residual,
         )
 
-    def solve_adjoint(self, h_prev: Tensor, grad: Tensor) -> Tensor:
+    def solve_adjoint(self, h_prev: Tensor, grad: Tensor, chunk_transitions: Tensor | None) -> Tensor:
         """``lambda`` with ``lambda_t = g_t + J_{t+1}^T lambda_{t+1}`` (``lambda_T = g_T``), Jacobians at ``h_prev``.
+
+        On the forward pass's chunks (:class:`_ChunkedAdjoint`, preconditioned by the forward's
+        ``chunk_transitions``) when they are longer than one step; otherwise by :meth:`_stepwise_adjoint`.
+        """
+        if chunk_transitions is None:
+            return self._stepwise_adjoint(h_prev, grad)
+        return _ChunkedAdjoint(self, h_prev, chunk_transitions).solve(grad)
+
+    def _stepwise_adjoint(self, h_prev: Tensor, grad: Tensor) -> Tensor:
+        """The adjoint solve of plain DEER (one-step chunks): preconditioned iteration over full-sequence VJPs.
 
         Exact transposed-Jacobian products come from one reusable VJP of the parallel cell call; the scan is
         preconditioned with the mode's transitions (exact for Newton: one solve, one check; diagonals for quasi:
@@ -268,7 +282,10 @@ class _Problem:
                 return lam
             if iteration < self.max_iters:
                 lam = lam + linear_recurrence(A, residual_t, reverse=True)
-        raise DEERConvergenceError(
+        raise self.adjoint_error(residual)
+
+    def adjoint_error(self, residual: float) -> DEERConvergenceError:
+        return DEERConvergenceError(
             f"DEER backward: the adjoint solve did not converge in max_iters={self.max_iters} iterations "
             f"(relative residual {residual:.3g} > tol {self.tol:.3g}). Raise max_iters or try mode='newton'.",
             self.max_iters,
@@ -370,18 +387,114 @@ class _ChunkedSolve:
         return torch.stack(slabs, dim=2).view(B, K * self.C, H)[:, : self.T].contiguous()
 
 
+def _slab_vjp(cell: Cell, h_prev: Tensor, x: Tensor) -> Callable[[Tensor], Tensor]:
+    """``v -> J^T v`` for the rows ``h_prev [n, H]``: one recorded cell call, back-propagated once per use.
+
+    Plain autograd rather than ``torch.func.vjp``: on the small slabs of the chunked adjoint the functorch wrapper
+    costs more than the cell call itself. Only the path to ``h_prev`` is differentiated (no parameter gradients).
+    """
+    with torch.enable_grad():
+        h_prev = h_prev.detach().requires_grad_()
+        out = _evaluate(cell, h_prev, x)
+
+    def vjp(v: Tensor) -> Tensor:
+        if not out.requires_grad:  # the cell ignores its state (and reads nothing that requires grad): J = 0
+            return torch.zeros_like(v)
+        (grad,) = torch.autograd.grad(out, h_prev, v, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(v) if grad is None else grad
+
+    return vjp
+
+
+class _ChunkedAdjoint:
+    """The adjoint solve of :meth:`_Problem.solve_adjoint` on the forward pass's chunks (multiple shooting).
+
+    Given the Jacobians at the solution, ``lambda_t = g_t + J_{t+1}^T lambda_{t+1}`` is a *linear* recurrence
+    backwards in time, so the forward's multiple shooting applies as is. With the chunks of :class:`_ChunkedSolve`,
+    the unknowns are the chunk *end values* ``e_k``: what flows into the last step of chunk ``k`` from the first step
+    of chunk ``k + 1`` (``e_{K-1} = 0``). A sweep integrates every chunk exactly backwards from its end value, one VJP
+    of the cell per slab on all chunks at once, and yields every chunk's outflow ``w_k = J_{first,k}^T
+    lambda_{first,k}``. The trajectory is consistent when ``e_k = w_{k+1}``. ``w_k`` is affine in ``e_k`` with slope
+    ``P_k^T``, the transposed forward chunk transition, so the boundary system is the reverse linear recurrence
+
+        e_k = P_{k+1}^T e_{k+1} + (w_{k+1} - P_{k+1}^T e'_{k+1}),
+
+    solved by the parallel scan over chunks. The forward's ``P`` serves as preconditioner: exact products of the
+    Jacobians at the solution in Newton mode (one scan, then one checking sweep), diagonal products in quasi mode
+    (iterated; a few dozen steps make them tiny for contractive cells, so one scan usually suffices there too).
+    Every iteration makes at least one more chunk exact, counted from the end, and the answer is accepted on the
+    adjoint's own residual, which is zero inside chunks by construction and ``|e_k - w_{k+1}|`` at the boundaries.
+    """
+
+    def __init__(self, problem: _Problem, h_prev: Tensor, chunk_transitions: Tensor) -> None:
+        B, T, H = problem.shape
+        I = problem.x.shape[-1]  # noqa: E741
+        self.problem, self.T = problem, T
+        self.C, self.K = _chunking(B, T, H, I, h_prev.device)
+        if chunk_transitions.shape[:2] != (B, self.K):
+            raise RuntimeError("the forward pass's chunk transitions do not match the chunking of the backward pass")
+        x = _to_chunks(problem.x.view(B, T, I), self.C, self.K)
+        states = _to_chunks(h_prev, self.C, self.K)
+        rows = B * self.K
+        self.vjps = [
+            _slab_vjp(problem.cell, states[:, :, c].reshape(rows, H), x[:, :, c].reshape(rows, I))
+            for c in range(self.C)
+        ]
+        # Chunk k's outflow feeds chunk k - 1: the transition of unknown e_k is P_{k+1}^T. The one of the last
+        # unknown only ever meets the fixed zero end value e_{K-1}.
+        A = chunk_transitions[:, 1:]
+        self.A = A if problem.diagonal else A.transpose(-1, -2)
+        self.ends = h_prev.new_zeros(B, self.K, H)
+        # Past T (padding of the last chunk) the adjoint is exactly zero: g is zero-padded and nothing flows in.
+        self.real_steps = T - (self.K - 1) * self.C
+
+    def solve(self, grad: Tensor) -> Tensor:
+        B, T, H = self.problem.shape
+        g = _to_chunks(grad, self.C, self.K)
+        lam = torch.empty_like(g, memory_format=torch.contiguous_format)
+        residual = math.inf
+        for iteration in range(self.problem.max_iters + 1):
+            mismatch = self.sweep(g, lam)
+            err = mismatch.abs().amax() if self.K > 1 else lam.new_zeros(())
+            scale = lam.abs().amax()
+            residual = float(err / scale) if scale > 0 else float(err)
+            if err <= self.problem.tol * scale:
+                return lam.view(B, self.K * self.C, H)[:, :T]
+            if iteration == self.problem.max_iters:
+                break
+            # Residual-correction form of the Newton step: chunks that are already exact get a zero correction.
+            correction = linear_recurrence(self.A, mismatch, reverse=True)
+            self.ends[:, :-1] += torch.nan_to_num_(correction, nan=0.0, posinf=_CLAMP, neginf=-_CLAMP)
+        raise self.problem.adjoint_error(residual)
+
+    def sweep(self, g: Tensor, lam: Tensor) -> Tensor:
+        """Integrate every chunk backwards from its end value into ``lam``; returns ``w_{k+1} - e_k``, ``[B, K-1, H]``."""
+        B, K, C, H = lam.shape
+        inflow = self.ends.view(B * K, H)
+        for c in reversed(range(C)):
+            slab = lam[:, :, c]
+            torch.add(g[:, :, c], inflow.view(B, K, H), out=slab)
+            inflow = self.vjps[c](slab.reshape(B * K, H))
+            if c >= self.real_steps:
+                inflow[K - 1 :: K] = 0  # a padded step's Jacobian may be non-finite; nothing may leak from it
+        return inflow.reshape(B, K, H)[:, 1:] - self.ends[:, :-1]
+
+
 class _ImplicitAdjoint(torch.autograd.Function):
     """Identity on the solution ``h``; backward turns ``dL/dh`` into the adjoint ``lambda`` for ``z = cell(...)``."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, h: Tensor, problem: _Problem, h_prev: Tensor) -> Tensor:
-        ctx.problem, ctx.h_prev = problem, h_prev
+    def forward(
+        ctx, z: Tensor, h: Tensor, problem: _Problem, h_prev: Tensor, chunk_transitions: Tensor | None
+    ) -> Tensor:
+        ctx.problem, ctx.h_prev, ctx.chunk_transitions = problem, h_prev, chunk_transitions
         return h.clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        return ctx.problem.solve_adjoint(ctx.h_prev, grad.contiguous()), None, None, None
+        lam = ctx.problem.solve_adjoint(ctx.h_prev, grad.contiguous(), ctx.chunk_transitions)
+        return lam, None, None, None, None
 
 
 def _check_args(inputs: Tensor, h0: Tensor, mode: str, max_iters: int, tol: float | None) -> float:
@@ -474,14 +587,14 @@ def deer_rnn(
     x_rows = inputs.detach().reshape(B * T, -1)
     problem = _Problem(cell, cell_and_diagonal, x_rows, (B, T, H), mode == "quasi", tol, max_iters)
     with torch.no_grad():
-        h, info = problem.solve(h0.detach())
+        h, info, chunk_transitions = problem.solve(h0.detach())
     if torch.is_grad_enabled():
         # One parallel cell call at the solution, h_prev detached except h0: autograd then owns the local
         # derivatives (inputs, h0, parameters) and the custom function supplies the recurrence's adjoint.
         h_prev = _shift(h, h0.detach())
         z = cell(_shift(h, h0).reshape(B * T, H), inputs.reshape(B * T, -1))
         if z.requires_grad:
-            h = _ImplicitAdjoint.apply(z.reshape(B, T, H), h, problem, h_prev)
+            h = _ImplicitAdjoint.apply(z.reshape(B, T, H), h, problem, h_prev, chunk_transitions)
     return (h, info) if return_info else h
 
 
