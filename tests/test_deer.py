@@ -16,6 +16,7 @@ from hf_su.modeling.deer import (
     deer_rnn,
     gru_cell,
     gru_cell_and_diagonal,
+    gru_cell_vjp,
 )
 from hf_su.modeling.scan import linear_recurrence
 
@@ -396,6 +397,41 @@ def test_gru_cell_and_diagonal_match_autograd():
     for row in range(h.shape[0]):
         J = torch.autograd.functional.jacobian(lambda v, r=row: gru_cell(v, gx[r], weight_hh, bias_hh), h[row])
         torch.testing.assert_close(diag[row], J.diagonal(), rtol=1e-12, atol=1e-12)
+
+
+def test_gru_cell_vjp_matches_autograd():
+    H = 6
+    _, _, weight_hh, bias_hh = _gru_weights(H, 3)
+    for bias in (bias_hh, None):
+        h, gx, v = torch.randn(4, H, dtype=F64), torch.randn(4, 3 * H, dtype=F64), torch.randn(4, H, dtype=F64)
+        _, vjp = torch.func.vjp(partial(gru_cell, gates_x=gx, weight_hh=weight_hh, bias_hh=bias), h)
+        torch.testing.assert_close(gru_cell_vjp(h, gx, weight_hh, bias)(v), vjp(v)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_steps", [1, 2], ids=["plain", "chunked"])
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_vjp_gives_the_same_gradients_and_a_wrong_one_is_refused(monkeypatch, mode, chunk_steps):
+    monkeypatch.setattr(deer_module, "_CHUNK_STEPS", chunk_steps)
+    monkeypatch.setattr(deer_module, "_CPU_BLOCK_ELEMENTS", 4 * 2 * (5 + 15))
+    gru, gates_x, weight_hh, bias_hh = _gru_weights(5, 3)
+    inputs = torch.randn(2, 23, 3, dtype=F64, requires_grad=True)
+    h0 = torch.randn(2, 5, dtype=F64, requires_grad=True)
+    cell = partial(gru_cell, weight_hh=weight_hh, bias_hh=bias_hh)
+    leaves = [inputs, h0, *gru.parameters()]
+    expected = torch.autograd.grad(sequential(cell, gates_x(inputs), h0).square().sum(), leaves)
+    fused = partial(gru_cell_vjp, weight_hh=weight_hh, bias_hh=bias_hh)
+    got = torch.autograd.grad(deer_rnn(cell, gates_x(inputs), h0, mode=mode, cell_vjp=fused).square().sum(), leaves)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-8)
+
+    def wrong(h, x):
+        right = fused(h, x)
+        return lambda v: 1.01 * right(v)
+
+    with pytest.raises(ValueError, match="cell_vjp.*disagrees"):
+        deer_rnn(cell, gates_x(inputs), h0, mode=mode, cell_vjp=wrong).sum().backward()
+    with pytest.raises(TypeError, match="cell_vjp"):
+        deer_rnn(cell, gates_x(inputs), h0, mode=mode, cell_vjp=lambda h, x: None).sum().backward()
 
 
 def test_quasi_with_fused_diagonal_matches_generic_quasi_values_and_gradients():

@@ -38,10 +38,19 @@ from torch.autograd.function import once_differentiable
 
 from .scan import linear_recurrence
 
-__all__ = ["DEERConvergenceError", "DEERInfo", "ParallelGRU", "deer_rnn", "gru_cell", "gru_cell_and_diagonal"]
+__all__ = [
+    "DEERConvergenceError",
+    "DEERInfo",
+    "ParallelGRU",
+    "deer_rnn",
+    "gru_cell",
+    "gru_cell_and_diagonal",
+    "gru_cell_vjp",
+]
 
 Cell = Callable[[Tensor, Tensor], Tensor]
 CellAndDiagonal = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+CellVJP = Callable[[Tensor, Tensor], Callable[[Tensor], Tensor]]
 
 MODES = ("newton", "quasi")
 
@@ -187,6 +196,7 @@ class _Problem:
     diagonal: bool
     tol: float
     max_iters: int
+    cell_vjp: CellVJP | None = None
 
     def rows(self, h: Tensor) -> Tensor:
         return h.reshape(-1, self.shape[2])
@@ -201,6 +211,30 @@ class _Problem:
         _check_like(out[0], h_prev, "cell_and_diagonal(h_prev, x_t)[0]")
         _check_like(out[1], h_prev, "cell_and_diagonal(h_prev, x_t)[1]")
         return out
+
+    def vjp(self, h_prev: Tensor, x: Tensor, check: bool = False) -> Callable[[Tensor], Tensor]:
+        """``v -> J^T v`` at rows ``h_prev``: the fused ``cell_vjp`` (compared with autograd once, when ``check``),
+        else autograd through one recorded cell call (:func:`_slab_vjp`)."""
+        if self.cell_vjp is None:
+            return _slab_vjp(self.cell, h_prev, x)
+        if check:
+            self._check_vjp(h_prev, x)
+        return self.cell_vjp(h_prev, x)
+
+    def _check_vjp(self, h_prev: Tensor, x: Tensor) -> None:
+        # A wrong fused VJP would give wrong gradients that still pass the adjoint's residual test (the residual is
+        # measured with it): compare it with autograd on a few rows and a fixed pseudo-random direction.
+        h_prev, x = h_prev[:256], x[:256]
+        generator = torch.Generator(device=h_prev.device).manual_seed(0)
+        v = torch.randn(h_prev.shape, generator=generator, device=h_prev.device).to(h_prev.dtype)
+        fused = self.cell_vjp(h_prev, x)
+        if not callable(fused):
+            raise TypeError(f"cell_vjp(h_prev, x_t) must return a function v -> J^T v, got {type(fused).__name__}")
+        got = fused(v)
+        _check_like(got, h_prev, "cell_vjp(h_prev, x_t)(v)")
+        expected = _slab_vjp(self.cell, h_prev, x)(v)
+        if (got - expected).abs().max() > self.tol * (1 + expected.abs().max()):
+            raise ValueError("cell_vjp(h_prev, x_t)(v) disagrees with autograd's v^T d cell(h_prev, x_t) / d h_prev")
 
     def value_and_transitions(self, h_prev: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """``cell`` and its Jacobians (diagonals in quasi mode) at rows ``h_prev [n, H]``."""
@@ -266,14 +300,14 @@ class _Problem:
         preconditioned with the mode's transitions (exact for Newton: one solve, one check; diagonals for quasi:
         iterated like the forward pass).
         """
-        _, vjp = torch.func.vjp(lambda h: self.cell(h, self.x), self.rows(h_prev))
+        vjp = self.vjp(self.rows(h_prev), self.x, check=True)
         M = self.transitions(h_prev)
         # lambda_t couples to step t+1: shift the transitions one step earlier; the last one meets a zero end state.
         A = torch.roll(M if self.diagonal else M.transpose(-1, -2), shifts=-1, dims=1)
         lam = linear_recurrence(A, grad, reverse=True)
         residual = math.inf
         for iteration in range(1, self.max_iters + 1):
-            JT_lam = self.steps(vjp(self.rows(lam))[0])
+            JT_lam = self.steps(vjp(self.rows(lam)))
             residual_t = grad - lam
             residual_t[:, :-1] += JT_lam[:, 1:]
             err, scale = residual_t.abs().amax(), lam.abs().amax()
@@ -437,7 +471,7 @@ class _ChunkedAdjoint:
         states = _to_chunks(h_prev, self.C, self.K)
         rows = B * self.K
         self.vjps = [
-            _slab_vjp(problem.cell, states[:, :, c].reshape(rows, H), x[:, :, c].reshape(rows, I))
+            problem.vjp(states[:, :, c].reshape(rows, H), x[:, :, c].reshape(rows, I), check=c == 0)
             for c in range(self.C)
         ]
         # Chunk k's outflow feeds chunk k - 1: the transition of unknown e_k is P_{k+1}^T. The one of the last
@@ -535,6 +569,7 @@ def deer_rnn(
     tol: float | None = None,
     return_info: bool = False,
     cell_and_diagonal: CellAndDiagonal | None = None,
+    cell_vjp: CellVJP | None = None,
 ) -> Tensor | tuple[Tensor, DEERInfo]:
     """Run ``h_t = cell(h_{t-1}, x_t)`` over a whole sequence in parallel (DEER / quasi-DEER).
 
@@ -564,6 +599,10 @@ def deer_rnn(
             forward-mode probes of the cell (see :func:`_transition`); with it, about one cell call. The diagonal
             only steers the iteration: the returned trajectory is computed and checked with ``cell`` itself, gradients
             use ``cell``'s exact VJP, so an inexact diagonal can only cost iterations, never accuracy.
+        cell_vjp: optional fused ``(h_prev, x_t) -> (v -> v^T d cell / d h_prev)`` for the backward pass, e.g.
+            :func:`gru_cell_vjp`: the products with transposed Jacobians that the adjoint solve repeats, without
+            autograd's per-call bookkeeping. It is compared with autograd on a few rows before use (a mismatch
+            raises ``ValueError``); gradients for inputs, ``h0`` and parameters still come from autograd on ``cell``.
 
     Returns:
         ``hs [B, T, H]`` (``hs[:, t]`` is the state after step ``t``), and a :class:`DEERInfo` (iterations, final
@@ -585,7 +624,7 @@ def deer_rnn(
     B, T, _ = inputs.shape
     H = h0.shape[1]
     x_rows = inputs.detach().reshape(B * T, -1)
-    problem = _Problem(cell, cell_and_diagonal, x_rows, (B, T, H), mode == "quasi", tol, max_iters)
+    problem = _Problem(cell, cell_and_diagonal, x_rows, (B, T, H), mode == "quasi", tol, max_iters, cell_vjp)
     with torch.no_grad():
         h, info, chunk_transitions = problem.solve(h0.detach())
     if torch.is_grad_enabled():
@@ -603,11 +642,12 @@ def _gru_gates(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``r, z, n`` and the hidden projection of the new-gate ``gh_n`` of ``torch.nn.GRU``."""
     H = h.shape[-1]
-    gates_h = F.linear(h, weight_hh, bias_hh)
-    rz = torch.sigmoid(gates_x[..., : 2 * H] + gates_h[..., : 2 * H])
-    r, z = rz[..., :H], rz[..., H:]
-    h_n = gates_h[..., 2 * H :]
-    n = torch.tanh(torch.addcmul(gates_x[..., 2 * H :], r, h_n))
+    # split/chunk rather than slices: their backward is one concatenation, where every slice's backward would
+    # allocate and zero a full-width gradient (a third of the cost of a GRU VJP on cache-sized slabs).
+    gh_rz, h_n = F.linear(h, weight_hh, bias_hh).split([2 * H, H], dim=-1)
+    gx_rz, gx_n = gates_x.split([2 * H, H], dim=-1)
+    r, z = torch.sigmoid(gx_rz + gh_rz).chunk(2, dim=-1)
+    n = torch.tanh(torch.addcmul(gx_n, r, h_n))
     return r, z, n, h_n
 
 
@@ -643,6 +683,26 @@ def gru_cell_and_diagonal(
     dn = torch.rsub(r, 1).mul_(h_n).mul_(w_r).add_(w_n).mul_(r).mul_(n.mul_(n).neg_().add_(1))
     diag = torch.rsub(z, 1).mul_(h_minus_n.mul_(z).mul_(w_z).add_(dn)).add_(z)
     return out, diag
+
+
+def gru_cell_vjp(h: Tensor, gates_x: Tensor, weight_hh: Tensor, bias_hh: Tensor | None) -> Callable[[Tensor], Tensor]:
+    """``v -> v^T (d gru_cell / d h)`` for every row of ``h [N, H]`` (the backward pass of DEER; no autograd).
+
+    With ``r, z, n, gh_n`` as in :func:`gru_cell`, ``a_n = (1 - z)(1 - n^2)``, ``a_z = z (1 - z)(h - n)`` and
+    ``a_r = a_n gh_n r (1 - r)``: ``v^T J = z v + [v a_r, v a_z, v a_n r] W_hh``. The factors are computed once
+    here; every product then costs two elementwise products and one matrix product, where autograd replays the
+    whole backward graph of the cell.
+    """
+    with torch.no_grad():
+        r, z, n, h_n = _gru_gates(h, gates_x, weight_hh, bias_hh)
+        a_n = torch.rsub(z, 1).mul_(n.square().neg_().add_(1))
+        factors = torch.stack([a_n * h_n * r * torch.rsub(r, 1), z * torch.rsub(z, 1) * (h - n), a_n * r], dim=-2)
+        weight = weight_hh.detach()
+
+    def vjp(v: Tensor) -> Tensor:
+        return torch.addmm(v * z, (factors * v.unsqueeze(-2)).flatten(-2), weight)
+
+    return vjp
 
 
 class ParallelGRU(nn.Module):
@@ -770,6 +830,7 @@ class ParallelGRU(nn.Module):
             bias_ih = getattr(self, f"bias_ih_l{layer}") if self.bias else None
             gates_x = F.linear(x, getattr(self, f"weight_ih_l{layer}"), bias_ih)
             fused = partial(gru_cell_and_diagonal, weight_hh=weight_hh, bias_hh=bias_hh)
+            vjp = partial(gru_cell_vjp, weight_hh=weight_hh, bias_hh=bias_hh)
             x = deer_rnn(
                 partial(gru_cell, weight_hh=weight_hh, bias_hh=bias_hh),
                 gates_x,
@@ -778,6 +839,7 @@ class ParallelGRU(nn.Module):
                 max_iters=self.max_iters,
                 tol=self.tol,
                 cell_and_diagonal=fused if self.mode == "quasi" else None,
+                cell_vjp=vjp,
             )
             finals.append(x[:, -1])
         h_n = torch.stack(finals)
