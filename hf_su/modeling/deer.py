@@ -18,9 +18,13 @@ inside a chunk for contractive cells, so long sequences converge in one or two i
 for short sequences, chunks are single steps: plain DEER.
 
 Gradients use implicit differentiation at the solution: the adjoint recurrence
-``lambda_t = g_t + J_{t+1}^T lambda_{t+1}`` is solved by the same scan (backwards in time), then ``lambda`` is
-back-propagated through one parallel call of the cell, which delivers the gradients for the inputs, ``h0`` and
-every tensor the cell uses. Nothing is back-propagated through the iterations.
+``lambda_t = g_t + J_{t+1}^T lambda_{t+1}`` is solved backwards in time, then ``lambda`` is back-propagated through
+one parallel call of the cell, which delivers the gradients for the inputs, ``h0`` and every tensor the cell uses.
+Nothing is back-propagated through the iterations. The adjoint recurrence is linear, so it is solved on the forward's
+chunks too (:class:`_ChunkedAdjoint`): every chunk is integrated exactly backwards, one VJP of the cell per slab,
+and the chunk end values come from the scan over chunks, preconditioned by the forward's chunk transitions (one
+scan and two sweeps for a contractive cell). With one-step chunks it is plain DEER's adjoint: scans over all steps
+iterated on full-sequence VJPs. ``cell_vjp`` (e.g. :func:`gru_cell_vjp`) replaces autograd for those VJPs.
 """
 
 from __future__ import annotations
