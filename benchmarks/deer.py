@@ -142,7 +142,7 @@ def plain_adjoint():
     """Backward passes inside use plain DEER's adjoint (one-step chunks) and autograd VJPs of the cell."""
     problem = deer_module._Problem
     saved = problem.solve_adjoint, problem.vjp
-    problem.solve_adjoint = lambda self, h_prev, grad, chunk_transitions: self._stepwise_adjoint(h_prev, grad)
+    problem.solve_adjoint = lambda self, h_prev, grad, chunks: self._stepwise_adjoint(h_prev, grad)
     problem.vjp = lambda self, h_prev, x, check=False: deer_module._slab_vjp(self.cell, h_prev, x)
     try:
         yield

@@ -92,6 +92,16 @@ class DEERInfo(NamedTuple):
     """Scaled residual ``max_t |h_t - cell(h_{t-1}, x_t)| / (1 + max_t |h_t|)`` of the returned trajectory."""
 
 
+class _Chunks(NamedTuple):
+    """The forward pass's chunk layout and linearisation, which the chunked adjoint reuses."""
+
+    steps: int
+    """``C``, steps per chunk (the number of chunks ``K`` is ``transitions.shape[1]``)."""
+    transitions: Tensor
+    """``P_k``, ``[B, K, H(, H)]``: products of the chunk's step Jacobians (diagonals in quasi mode) at the last
+    refresh of the forward iteration."""
+
+
 class DEERConvergenceError(RuntimeError):
     """Raised when DEER (forward, or the adjoint solve of the backward pass) misses its tolerance in ``max_iters``."""
 
@@ -258,11 +268,11 @@ class _Problem:
             )
         return J.reshape(*self.shape, *J.shape[2:])
 
-    def solve(self, h0: Tensor) -> tuple[Tensor, DEERInfo, Tensor | None]:
+    def solve(self, h0: Tensor) -> tuple[Tensor, DEERInfo, _Chunks | None]:
         """Iterate to the fixed point from the initial guess ``h_t = h0`` (as the reference does).
 
-        Returns the trajectory, the report and the chunk transitions of the last refresh (``None`` for one-step
-        chunks): the chunked adjoint reuses them as its preconditioner.
+        Returns the trajectory, the report and the chunks (``None`` for one-step chunks, i.e. plain DEER), which
+        the chunked adjoint reuses.
         """
         chunks = _ChunkedSolve(self, h0)
         residual, previous = math.inf, math.inf
@@ -275,7 +285,11 @@ class _Problem:
                 # The fused function only speeds things up: the answer must be the cell's own trajectory.
                 residual = chunks.sweep(refresh=False)
             if residual <= self.tol:
-                return chunks.result(), DEERInfo(iteration, residual), (chunks.P if chunks.C > 1 else None)
+                return (
+                    chunks.result(),
+                    DEERInfo(iteration, residual),
+                    (_Chunks(chunks.C, chunks.P) if chunks.C > 1 else None),
+                )
             if iteration == self.max_iters:
                 break
             chunks.advance()
@@ -287,15 +301,15 @@ class _Problem:
             residual,
         )
 
-    def solve_adjoint(self, h_prev: Tensor, grad: Tensor, chunk_transitions: Tensor | None) -> Tensor:
+    def solve_adjoint(self, h_prev: Tensor, grad: Tensor, chunks: _Chunks | None) -> Tensor:
         """``lambda`` with ``lambda_t = g_t + J_{t+1}^T lambda_{t+1}`` (``lambda_T = g_T``), Jacobians at ``h_prev``.
 
-        On the forward pass's chunks (:class:`_ChunkedAdjoint`, preconditioned by the forward's
-        ``chunk_transitions``) when they are longer than one step; otherwise by :meth:`_stepwise_adjoint`.
+        On the forward pass's ``chunks`` (:class:`_ChunkedAdjoint`) when they are longer than one step; otherwise
+        by :meth:`_stepwise_adjoint`.
         """
-        if chunk_transitions is None:
+        if chunks is None:
             return self._stepwise_adjoint(h_prev, grad)
-        return _ChunkedAdjoint(self, h_prev, chunk_transitions).solve(grad)
+        return _ChunkedAdjoint(self, h_prev, chunks).solve(grad)
 
     def _stepwise_adjoint(self, h_prev: Tensor, grad: Tensor) -> Tensor:
         """The adjoint solve of plain DEER (one-step chunks): preconditioned iteration over full-sequence VJPs.
@@ -464,13 +478,11 @@ class _ChunkedAdjoint:
     adjoint's own residual, which is zero inside chunks by construction and ``|e_k - w_{k+1}|`` at the boundaries.
     """
 
-    def __init__(self, problem: _Problem, h_prev: Tensor, chunk_transitions: Tensor) -> None:
+    def __init__(self, problem: _Problem, h_prev: Tensor, chunks: _Chunks) -> None:
         B, T, H = problem.shape
         I = problem.x.shape[-1]  # noqa: E741
         self.problem, self.T = problem, T
-        self.C, self.K = _chunking(B, T, H, I, h_prev.device)
-        if chunk_transitions.shape[:2] != (B, self.K):
-            raise RuntimeError("the forward pass's chunk transitions do not match the chunking of the backward pass")
+        self.C, self.K = chunks.steps, chunks.transitions.shape[1]
         x = _to_chunks(problem.x.view(B, T, I), self.C, self.K)
         states = _to_chunks(h_prev, self.C, self.K)
         rows = B * self.K
@@ -480,7 +492,7 @@ class _ChunkedAdjoint:
         ]
         # Chunk k's outflow feeds chunk k - 1: the transition of unknown e_k is P_{k+1}^T. The one of the last
         # unknown only ever meets the fixed zero end value e_{K-1}.
-        A = chunk_transitions[:, 1:]
+        A = chunks.transitions[:, 1:]
         self.A = A if problem.diagonal else A.transpose(-1, -2)
         self.ends = h_prev.new_zeros(B, self.K, H)
         # Past T (padding of the last chunk) the adjoint is exactly zero: g is zero-padded and nothing flows in.
@@ -522,16 +534,14 @@ class _ImplicitAdjoint(torch.autograd.Function):
     """Identity on the solution ``h``; backward turns ``dL/dh`` into the adjoint ``lambda`` for ``z = cell(...)``."""
 
     @staticmethod
-    def forward(
-        ctx, z: Tensor, h: Tensor, problem: _Problem, h_prev: Tensor, chunk_transitions: Tensor | None
-    ) -> Tensor:
-        ctx.problem, ctx.h_prev, ctx.chunk_transitions = problem, h_prev, chunk_transitions
+    def forward(ctx, z: Tensor, h: Tensor, problem: _Problem, h_prev: Tensor, chunks: _Chunks | None) -> Tensor:
+        ctx.problem, ctx.h_prev, ctx.chunks = problem, h_prev, chunks
         return h.clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        lam = ctx.problem.solve_adjoint(ctx.h_prev, grad.contiguous(), ctx.chunk_transitions)
+        lam = ctx.problem.solve_adjoint(ctx.h_prev, grad.contiguous(), ctx.chunks)
         return lam, None, None, None, None
 
 
@@ -630,14 +640,14 @@ def deer_rnn(
     x_rows = inputs.detach().reshape(B * T, -1)
     problem = _Problem(cell, cell_and_diagonal, x_rows, (B, T, H), mode == "quasi", tol, max_iters, cell_vjp)
     with torch.no_grad():
-        h, info, chunk_transitions = problem.solve(h0.detach())
+        h, info, chunks = problem.solve(h0.detach())
     if torch.is_grad_enabled():
         # One parallel cell call at the solution, h_prev detached except h0: autograd then owns the local
         # derivatives (inputs, h0, parameters) and the custom function supplies the recurrence's adjoint.
         h_prev = _shift(h, h0.detach())
         z = cell(_shift(h, h0).reshape(B * T, H), inputs.reshape(B * T, -1))
         if z.requires_grad:
-            h = _ImplicitAdjoint.apply(z.reshape(B, T, H), h, problem, h_prev, chunk_transitions)
+            h = _ImplicitAdjoint.apply(z.reshape(B, T, H), h, problem, h_prev, chunks)
     return (h, info) if return_info else h
 
 
