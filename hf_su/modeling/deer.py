@@ -523,10 +523,11 @@ class _ChunkedAdjoint:
         inflow = self.ends.view(B * K, H)
         for c in reversed(range(C)):
             slab = lam[:, :, c]
-            torch.add(g[:, :, c], inflow.view(B, K, H), out=slab)
+            torch.add(g[:, :, c], inflow.reshape(B, K, H), out=slab)
             inflow = self.vjps[c](slab.reshape(B * K, H))
-            if c >= self.real_steps:
-                inflow[K - 1 :: K] = 0  # a padded step's Jacobian may be non-finite; nothing may leak from it
+            if c >= self.real_steps:  # a padded step's Jacobian may be non-finite: nothing may leak from it
+                inflow = inflow.clone()  # (a VJP may hand back its argument or a tensor it keeps)
+                inflow[K - 1 :: K] = 0
         return inflow.reshape(B, K, H)[:, 1:] - self.ends[:, :-1]
 
 
