@@ -7,18 +7,23 @@ gru_cell_and_diagonal; "quasi-probe" the generic path of deer_rnn (diagonal from
 "newton" full Jacobians. Every DEER row is checked against the loop. Target: loop / quasi >= 3 at T=16k, H=16.
 On CPU, DEER iterates on the start states of ~32-step chunks that are integrated exactly (multiple shooting, see
 hf_su.modeling.deer); "iters" counts those Newton steps. On GPU every chunk is one step (plain DEER).
+The training table also times "plain adj.": the same forward with plain DEER's adjoint (full-sequence VJPs of the
+cell by autograd, preconditioned scans over all steps; the backward pass before the chunked adjoint).
 
     flock /tmp/hf_su_bench.lock env PYTHONPATH=$PWD python -m benchmarks.deer --reps 3   # CPU, 1 thread
+    flock /tmp/hf_su_bench.lock env PYTHONPATH=$PWD python -m benchmarks.deer --train-only --reps 10
     PYTHONPATH=$PWD python -m benchmarks.deer --device cuda --lengths 1024 16384 65536 262144
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 
 import torch
 from torch import nn
 
+import hf_su.modeling.deer as deer_module
 from benchmarks.harness import Report, bench_parser, time_fn
 from hf_su.modeling.deer import deer_rnn, gru_cell, gru_cell_and_diagonal
 
@@ -61,12 +66,16 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     parser.add_argument("--no-train", action="store_true", help="skip the forward+backward table")
+    parser.add_argument("--train-only", action="store_true", help="only the forward+backward table")
     args = parser.parse_args()
     if args.quick:
         args.hidden, args.lengths, args.reps = [16], [256, 1024], 2
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     on_cpu = args.device == "cpu"
+    if args.train_only:
+        train_table(args)
+        return
 
     report = Report(
         f"DEER GRU inference, batch {BATCH}, fp32, {args.device}",
@@ -128,11 +137,24 @@ def main() -> None:
         train_table(args)
 
 
+@contextmanager
+def plain_adjoint():
+    """Backward passes inside use plain DEER's adjoint (one-step chunks) and autograd VJPs of the cell."""
+    problem = deer_module._Problem
+    saved = problem.solve_adjoint, problem.vjp
+    problem.solve_adjoint = lambda self, h_prev, grad, chunks: self._stepwise_adjoint(h_prev, grad)
+    problem.vjp = lambda self, h_prev, x, check=False: deer_module._slab_vjp(self.cell, h_prev, x)
+    try:
+        yield
+    finally:
+        problem.solve_adjoint, problem.vjp = saved
+
+
 def train_table(args) -> None:
     """Forward + backward (gradients for every GRU weight and the inputs), H=16."""
     report = Report(
         f"DEER GRU training step (forward+backward), H=16, batch {BATCH}, fp32, {args.device}",
-        columns=["T", "loop ms", "nn.GRU ms", "quasi ms", "loop/quasi", "nn.GRU/quasi"],
+        columns=["T", "loop ms", "nn.GRU ms", "quasi ms", "plain adj. ms", "loop/quasi", "nn.GRU/quasi", "plain/quasi"],
     )
     from hf_su.modeling.deer import ParallelGRU
 
@@ -153,16 +175,25 @@ def train_table(args) -> None:
         def fused_step(module, x=x):
             module(x)[0].square().sum().backward()
 
+        def plain_step(module=ours, x=x):
+            with plain_adjoint():
+                fused_step(module, x)
+
         reps = args.reps
         times = {
             "loop": time_fn(loop_step, warmup=1, reps=reps),
             "nn.GRU": time_fn(partial(fused_step, gru), warmup=1, reps=reps),
             "quasi": time_fn(partial(fused_step, ours), warmup=1, reps=reps),
+            "plain adj.": time_fn(plain_step, warmup=1, reps=reps),
         }
         report.add(
             T=length,
             **{f"{n} ms": t.ms for n, t in times.items()},
-            **{"loop/quasi": times["loop"] / times["quasi"], "nn.GRU/quasi": times["nn.GRU"] / times["quasi"]},
+            **{
+                "loop/quasi": times["loop"] / times["quasi"],
+                "nn.GRU/quasi": times["nn.GRU"] / times["quasi"],
+                "plain/quasi": times["plain adj."] / times["quasi"],
+            },
         )
     report.emit(None)
 

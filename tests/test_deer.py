@@ -16,6 +16,7 @@ from hf_su.modeling.deer import (
     deer_rnn,
     gru_cell,
     gru_cell_and_diagonal,
+    gru_cell_vjp,
 )
 from hf_su.modeling.scan import linear_recurrence
 
@@ -202,8 +203,10 @@ def test_default_cpu_chunks_parallel_gru_matches_torch_gru(monkeypatch, mode):
     ours = ParallelGRU.from_gru(gru, mode=mode)
     x, hx = torch.randn(2, T, 4, dtype=F64), torch.randn(1, 2, H, dtype=F64)
     torch.testing.assert_close(ours(x, hx)[0], gru(x, hx)[0], rtol=0, atol=1e-8)
-    expected = torch.autograd.grad(gru(x, hx)[0].square().sum(), list(gru.parameters()))
-    got = torch.autograd.grad(ours(x, hx)[0].square().sum(), list(ours.parameters()))
+    x.requires_grad_(True)
+    hx.requires_grad_(True)
+    expected = torch.autograd.grad(gru(x, hx)[0].square().sum(), [x, hx, *gru.parameters()])
+    got = torch.autograd.grad(ours(x, hx)[0].square().sum(), [x, hx, *ours.parameters()])
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-8)
 
@@ -250,6 +253,82 @@ def test_chunked_gradients_fused_path_and_at_most_one_iteration_per_chunk(monkey
     x, hx = torch.randn(2, 37, 3, dtype=F64), torch.randn(1, 2, 5, dtype=F64)
     with torch.no_grad():
         torch.testing.assert_close(ParallelGRU.from_gru(gru)(x, hx)[0], gru(x, hx)[0], rtol=0, atol=1e-8)
+
+
+@pytest.fixture
+def adjoint_sweeps(monkeypatch):
+    """Counts the sweeps of the chunked adjoint; the plain-DEER adjoint must not run at all."""
+    calls = []
+    sweep = deer_module._ChunkedAdjoint.sweep
+
+    def counted(self, *args):
+        calls.append(self.K)
+        return sweep(self, *args)
+
+    def forbidden(*args):
+        raise AssertionError("multi-step chunks must use the chunked adjoint")
+
+    monkeypatch.setattr(deer_module._ChunkedAdjoint, "sweep", counted)
+    monkeypatch.setattr(deer_module._Problem, "_stepwise_adjoint", forbidden)
+    return calls
+
+
+# (T, slab budget) -> (C, K) with B=2, H=5, I=3 and 2-step target chunks: padded tails, chunks that divide T, one
+# chunk, many chunks.
+CHUNKED_ADJOINT_CASES = {(7, 64): (2, 4), (100, 64): (25, 4), (64, 64): (16, 4), (2, 64): (2, 1), (33, 512): (2, 17)}
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_chunked_adjoint_gradients_match_backprop_through_loop(kind, mode, monkeypatch, adjoint_sweeps):
+    for (T, budget), (C, K) in CHUNKED_ADJOINT_CASES.items():
+        monkeypatch.setattr(deer_module, "_CPU_BLOCK_ELEMENTS", budget)
+        assert deer_module._chunking(2, T, 5, 3, torch.device("cpu")) == (C, K)
+        cell, params, inputs, h0 = make_case(kind, F64, T)
+        inputs.requires_grad_(True)
+        h0.requires_grad_(True)
+        weights = torch.randn(inputs.shape[0], T, h0.shape[1], dtype=F64)
+        leaves = [inputs, h0, *params]
+        expected = torch.autograd.grad((sequential(cell, inputs, h0) * weights).sum(), leaves)
+        adjoint_sweeps.clear()
+        got = torch.autograd.grad((deer_rnn(cell, inputs, h0, mode=mode) * weights).sum(), leaves)
+        for name, g, e in zip(["inputs", "h0"] + [f"param{i}" for i in range(len(params))], got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-8, msg=lambda m, n=name, t=T: f"{n} T={t}: {m}")
+        # The boundary system is linear: one chunk needs one sweep; with exact chunk transitions (Newton) one scan
+        # and one checking sweep; quasi at most one more exact chunk per scan.
+        assert adjoint_sweeps and set(adjoint_sweeps) == {K}
+        assert len(adjoint_sweeps) == (1 if K == 1 else 2) if mode == "newton" else 1 <= len(adjoint_sweeps) <= K + 1
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_chunked_adjoint_of_expanding_cell_fixes_one_chunk_per_iteration_and_raises_when_out_of_iterations(
+    adjoint_sweeps,
+):
+    """Gain 3: the diagonal preconditioner is poor and chunk transitions are large; still <= K scans suffice."""
+    cell, params = tanh_rnn(3, 5, F64, gain=3.0)
+    inputs = (2 * torch.randn(2, 10, 3, dtype=F64)).requires_grad_()
+    h0 = torch.randn(2, 5, dtype=F64, requires_grad=True)
+    assert deer_module._chunking(2, 10, 5, 3, inputs.device) == (3, 4)
+    leaves = [inputs, h0, *params]
+    expected = torch.autograd.grad(sequential(cell, inputs, h0).sum(), leaves)
+    for mode in MODES:
+        adjoint_sweeps.clear()
+        got = torch.autograd.grad(deer_rnn(cell, inputs, h0, mode=mode, max_iters=4).sum(), leaves)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-8)
+        assert len(adjoint_sweeps) <= 5
+
+    # h0 is a fixed point of this cell: the forward pass takes no step, the adjoint (dense W, quasi) needs several.
+    w = (0.8 * torch.randn(4, 4, dtype=F64) / 2).requires_grad_()
+    h0 = 0.5 * torch.rand(1, 4, dtype=F64)
+    inputs = (torch.atanh(h0) - h0 @ w.detach().T).unsqueeze(1).expand(1, 12, 4)
+    assert deer_module._chunking(1, 12, 4, 4, inputs.device) == (2, 6)
+    hs, info = deer_rnn(lambda h, x: torch.tanh(h @ w.T + x), inputs, h0, mode="quasi", max_iters=1, return_info=True)
+    assert info.iterations == 0
+    with pytest.raises(DEERConvergenceError, match="backward") as err:
+        hs.sum().backward()
+    assert err.value.iterations == 1 and err.value.residual > DEFAULT_TOL[F64]
 
 
 # ----------------------------------------------------------------------------------------------- gradients
@@ -320,6 +399,41 @@ def test_gru_cell_and_diagonal_match_autograd():
         torch.testing.assert_close(diag[row], J.diagonal(), rtol=1e-12, atol=1e-12)
 
 
+def test_gru_cell_vjp_matches_autograd():
+    H = 6
+    _, _, weight_hh, bias_hh = _gru_weights(H, 3)
+    for bias in (bias_hh, None):
+        h, gx, v = torch.randn(4, H, dtype=F64), torch.randn(4, 3 * H, dtype=F64), torch.randn(4, H, dtype=F64)
+        _, vjp = torch.func.vjp(partial(gru_cell, gates_x=gx, weight_hh=weight_hh, bias_hh=bias), h)
+        torch.testing.assert_close(gru_cell_vjp(h, gx, weight_hh, bias)(v), vjp(v)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_steps", [1, 2], ids=["plain", "chunked"])
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_vjp_gives_the_same_gradients_and_a_wrong_one_is_refused(monkeypatch, mode, chunk_steps):
+    monkeypatch.setattr(deer_module, "_CHUNK_STEPS", chunk_steps)
+    monkeypatch.setattr(deer_module, "_CPU_BLOCK_ELEMENTS", 4 * 2 * (5 + 15))
+    gru, gates_x, weight_hh, bias_hh = _gru_weights(5, 3)
+    inputs = torch.randn(2, 23, 3, dtype=F64, requires_grad=True)
+    h0 = torch.randn(2, 5, dtype=F64, requires_grad=True)
+    cell = partial(gru_cell, weight_hh=weight_hh, bias_hh=bias_hh)
+    leaves = [inputs, h0, *gru.parameters()]
+    expected = torch.autograd.grad(sequential(cell, gates_x(inputs), h0).square().sum(), leaves)
+    fused = partial(gru_cell_vjp, weight_hh=weight_hh, bias_hh=bias_hh)
+    got = torch.autograd.grad(deer_rnn(cell, gates_x(inputs), h0, mode=mode, cell_vjp=fused).square().sum(), leaves)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-8)
+
+    def wrong(h, x):
+        right = fused(h, x)
+        return lambda v: 1.01 * right(v)
+
+    with pytest.raises(ValueError, match="cell_vjp.*disagrees"):
+        deer_rnn(cell, gates_x(inputs), h0, mode=mode, cell_vjp=wrong).sum().backward()
+    with pytest.raises(TypeError, match="cell_vjp"):
+        deer_rnn(cell, gates_x(inputs), h0, mode=mode, cell_vjp=lambda h, x: None).sum().backward()
+
+
 def test_quasi_with_fused_diagonal_matches_generic_quasi_values_and_gradients():
     T, H = 40, 5
     gru, gates_x, weight_hh, bias_hh = _gru_weights(H, 3)
@@ -361,8 +475,10 @@ def test_parallel_gru_equals_torch_gru(num_layers, bias, batch_first, mode):
         out, h_n = ours(*args)
         torch.testing.assert_close(out, expected_out, rtol=0, atol=1e-8)
         torch.testing.assert_close(h_n, expected_hn, rtol=0, atol=1e-8)
-    expected = torch.autograd.grad(gru(x, hx)[0].square().sum(), list(gru.parameters()))
-    got = torch.autograd.grad(ours(x, hx)[0].square().sum(), list(ours.parameters()))
+    x.requires_grad_(True)
+    hx.requires_grad_(True)
+    expected = torch.autograd.grad(gru(x, hx)[0].square().sum(), [x, hx, *gru.parameters()])
+    got = torch.autograd.grad(ours(x, hx)[0].square().sum(), [x, hx, *ours.parameters()])
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-8)
 

@@ -18,9 +18,13 @@ inside a chunk for contractive cells, so long sequences converge in one or two i
 for short sequences, chunks are single steps: plain DEER.
 
 Gradients use implicit differentiation at the solution: the adjoint recurrence
-``lambda_t = g_t + J_{t+1}^T lambda_{t+1}`` is solved by the same scan (backwards in time), then ``lambda`` is
-back-propagated through one parallel call of the cell, which delivers the gradients for the inputs, ``h0`` and
-every tensor the cell uses. Nothing is back-propagated through the iterations.
+``lambda_t = g_t + J_{t+1}^T lambda_{t+1}`` is solved backwards in time, then ``lambda`` is back-propagated through
+one parallel call of the cell, which delivers the gradients for the inputs, ``h0`` and every tensor the cell uses.
+Nothing is back-propagated through the iterations. The adjoint recurrence is linear, so it is solved on the forward's
+chunks too (:class:`_ChunkedAdjoint`): every chunk is integrated exactly backwards, one VJP of the cell per slab,
+and the chunk end values come from the scan over chunks, preconditioned by the forward's chunk transitions (one
+scan and two sweeps for a contractive cell). With one-step chunks it is plain DEER's adjoint: scans over all steps
+iterated on full-sequence VJPs. ``cell_vjp`` (e.g. :func:`gru_cell_vjp`) replaces autograd for those VJPs.
 """
 
 from __future__ import annotations
@@ -38,10 +42,19 @@ from torch.autograd.function import once_differentiable
 
 from .scan import linear_recurrence
 
-__all__ = ["DEERConvergenceError", "DEERInfo", "ParallelGRU", "deer_rnn", "gru_cell", "gru_cell_and_diagonal"]
+__all__ = [
+    "DEERConvergenceError",
+    "DEERInfo",
+    "ParallelGRU",
+    "deer_rnn",
+    "gru_cell",
+    "gru_cell_and_diagonal",
+    "gru_cell_vjp",
+]
 
 Cell = Callable[[Tensor, Tensor], Tensor]
 CellAndDiagonal = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+CellVJP = Callable[[Tensor, Tensor], Callable[[Tensor], Tensor]]
 
 MODES = ("newton", "quasi")
 
@@ -77,6 +90,16 @@ class DEERInfo(NamedTuple):
     (always the case for a single chunk, e.g. ``T = 1``)."""
     residual: float
     """Scaled residual ``max_t |h_t - cell(h_{t-1}, x_t)| / (1 + max_t |h_t|)`` of the returned trajectory."""
+
+
+class _Chunks(NamedTuple):
+    """The forward pass's chunk layout and linearisation, which the chunked adjoint reuses."""
+
+    steps: int
+    """``C``, steps per chunk (the number of chunks ``K`` is ``transitions.shape[1]``)."""
+    transitions: Tensor
+    """``P_k``, ``[B, K, H(, H)]``: products of the chunk's step Jacobians (diagonals in quasi mode) at the last
+    refresh of the forward iteration."""
 
 
 class DEERConvergenceError(RuntimeError):
@@ -187,6 +210,7 @@ class _Problem:
     diagonal: bool
     tol: float
     max_iters: int
+    cell_vjp: CellVJP | None = None
 
     def rows(self, h: Tensor) -> Tensor:
         return h.reshape(-1, self.shape[2])
@@ -201,6 +225,30 @@ class _Problem:
         _check_like(out[0], h_prev, "cell_and_diagonal(h_prev, x_t)[0]")
         _check_like(out[1], h_prev, "cell_and_diagonal(h_prev, x_t)[1]")
         return out
+
+    def vjp(self, h_prev: Tensor, x: Tensor, check: bool = False) -> Callable[[Tensor], Tensor]:
+        """``v -> J^T v`` at rows ``h_prev``: the fused ``cell_vjp`` (compared with autograd once, when ``check``),
+        else autograd through one recorded cell call (:func:`_slab_vjp`)."""
+        if self.cell_vjp is None:
+            return _slab_vjp(self.cell, h_prev, x)
+        if check:
+            self._check_vjp(h_prev, x)
+        return self.cell_vjp(h_prev, x)
+
+    def _check_vjp(self, h_prev: Tensor, x: Tensor) -> None:
+        # A wrong fused VJP would give wrong gradients that still pass the adjoint's residual test (the residual is
+        # measured with it): compare it with autograd on a few rows and a fixed pseudo-random direction.
+        h_prev, x = h_prev[:256], x[:256]
+        generator = torch.Generator(device=h_prev.device).manual_seed(0)
+        v = torch.randn(h_prev.shape, generator=generator, device=h_prev.device).to(h_prev.dtype)
+        fused = self.cell_vjp(h_prev, x)
+        if not callable(fused):
+            raise TypeError(f"cell_vjp(h_prev, x_t) must return a function v -> J^T v, got {type(fused).__name__}")
+        got = fused(v)
+        _check_like(got, h_prev, "cell_vjp(h_prev, x_t)(v)")
+        expected = _slab_vjp(self.cell, h_prev, x)(v)
+        if (got - expected).abs().max() > self.tol * (1 + expected.abs().max()):
+            raise ValueError("cell_vjp(h_prev, x_t)(v) disagrees with autograd's v^T d cell(h_prev, x_t) / d h_prev")
 
     def value_and_transitions(self, h_prev: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """``cell`` and its Jacobians (diagonals in quasi mode) at rows ``h_prev [n, H]``."""
@@ -220,8 +268,12 @@ class _Problem:
             )
         return J.reshape(*self.shape, *J.shape[2:])
 
-    def solve(self, h0: Tensor) -> tuple[Tensor, DEERInfo]:
-        """Iterate to the fixed point from the initial guess ``h_t = h0`` (as the reference does)."""
+    def solve(self, h0: Tensor) -> tuple[Tensor, DEERInfo, _Chunks | None]:
+        """Iterate to the fixed point from the initial guess ``h_t = h0`` (as the reference does).
+
+        Returns the trajectory, the report and the chunks (``None`` for one-step chunks, i.e. plain DEER), which
+        the chunked adjoint reuses.
+        """
         chunks = _ChunkedSolve(self, h0)
         residual, previous = math.inf, math.inf
         for iteration in range(self.max_iters + 1):
@@ -233,7 +285,11 @@ class _Problem:
                 # The fused function only speeds things up: the answer must be the cell's own trajectory.
                 residual = chunks.sweep(refresh=False)
             if residual <= self.tol:
-                return chunks.result(), DEERInfo(iteration, residual)
+                return (
+                    chunks.result(),
+                    DEERInfo(iteration, residual),
+                    (_Chunks(chunks.C, chunks.P) if chunks.C > 1 else None),
+                )
             if iteration == self.max_iters:
                 break
             chunks.advance()
@@ -245,21 +301,31 @@ class _Problem:
             residual,
         )
 
-    def solve_adjoint(self, h_prev: Tensor, grad: Tensor) -> Tensor:
+    def solve_adjoint(self, h_prev: Tensor, grad: Tensor, chunks: _Chunks | None) -> Tensor:
         """``lambda`` with ``lambda_t = g_t + J_{t+1}^T lambda_{t+1}`` (``lambda_T = g_T``), Jacobians at ``h_prev``.
+
+        On the forward pass's ``chunks`` (:class:`_ChunkedAdjoint`) when they are longer than one step; otherwise
+        by :meth:`_stepwise_adjoint`.
+        """
+        if chunks is None:
+            return self._stepwise_adjoint(h_prev, grad)
+        return _ChunkedAdjoint(self, h_prev, chunks).solve(grad)
+
+    def _stepwise_adjoint(self, h_prev: Tensor, grad: Tensor) -> Tensor:
+        """The adjoint solve of plain DEER (one-step chunks): preconditioned iteration over full-sequence VJPs.
 
         Exact transposed-Jacobian products come from one reusable VJP of the parallel cell call; the scan is
         preconditioned with the mode's transitions (exact for Newton: one solve, one check; diagonals for quasi:
         iterated like the forward pass).
         """
-        _, vjp = torch.func.vjp(lambda h: self.cell(h, self.x), self.rows(h_prev))
+        vjp = self.vjp(self.rows(h_prev), self.x, check=True)
         M = self.transitions(h_prev)
         # lambda_t couples to step t+1: shift the transitions one step earlier; the last one meets a zero end state.
         A = torch.roll(M if self.diagonal else M.transpose(-1, -2), shifts=-1, dims=1)
         lam = linear_recurrence(A, grad, reverse=True)
         residual = math.inf
         for iteration in range(1, self.max_iters + 1):
-            JT_lam = self.steps(vjp(self.rows(lam))[0])
+            JT_lam = self.steps(vjp(self.rows(lam)))
             residual_t = grad - lam
             residual_t[:, :-1] += JT_lam[:, 1:]
             err, scale = residual_t.abs().amax(), lam.abs().amax()
@@ -268,7 +334,10 @@ class _Problem:
                 return lam
             if iteration < self.max_iters:
                 lam = lam + linear_recurrence(A, residual_t, reverse=True)
-        raise DEERConvergenceError(
+        raise self.adjoint_error(residual)
+
+    def adjoint_error(self, residual: float) -> DEERConvergenceError:
+        return DEERConvergenceError(
             f"DEER backward: the adjoint solve did not converge in max_iters={self.max_iters} iterations "
             f"(relative residual {residual:.3g} > tol {self.tol:.3g}). Raise max_iters or try mode='newton'.",
             self.max_iters,
@@ -370,18 +439,111 @@ class _ChunkedSolve:
         return torch.stack(slabs, dim=2).view(B, K * self.C, H)[:, : self.T].contiguous()
 
 
+def _slab_vjp(cell: Cell, h_prev: Tensor, x: Tensor) -> Callable[[Tensor], Tensor]:
+    """``v -> J^T v`` for the rows ``h_prev [n, H]``: one recorded cell call, back-propagated once per use.
+
+    Plain autograd rather than ``torch.func.vjp``: on the small slabs of the chunked adjoint the functorch wrapper
+    costs more than the cell call itself. Only the path to ``h_prev`` is differentiated (no parameter gradients).
+    """
+    with torch.enable_grad():
+        h_prev = h_prev.detach().requires_grad_()
+        out = _evaluate(cell, h_prev, x)
+
+    def vjp(v: Tensor) -> Tensor:
+        if not out.requires_grad:  # the cell ignores its state (and reads nothing that requires grad): J = 0
+            return torch.zeros_like(v)
+        (grad,) = torch.autograd.grad(out, h_prev, v, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(v) if grad is None else grad
+
+    return vjp
+
+
+class _ChunkedAdjoint:
+    """The adjoint solve of :meth:`_Problem.solve_adjoint` on the forward pass's chunks (multiple shooting).
+
+    Given the Jacobians at the solution, ``lambda_t = g_t + J_{t+1}^T lambda_{t+1}`` is a *linear* recurrence
+    backwards in time, so the forward's multiple shooting applies as is. With the chunks of :class:`_ChunkedSolve`,
+    the unknowns are the chunk *end values* ``e_k``: what flows into the last step of chunk ``k`` from the first step
+    of chunk ``k + 1`` (``e_{K-1} = 0``). A sweep integrates every chunk exactly backwards from its end value, one VJP
+    of the cell per slab on all chunks at once, and yields every chunk's outflow ``w_k = J_{first,k}^T
+    lambda_{first,k}``. The trajectory is consistent when ``e_k = w_{k+1}``. ``w_k`` is affine in ``e_k`` with slope
+    ``P_k^T``, the transposed forward chunk transition, so the boundary system is the reverse linear recurrence
+
+        e_k = P_{k+1}^T e_{k+1} + (w_{k+1} - P_{k+1}^T e'_{k+1}),
+
+    solved by the parallel scan over chunks. The forward's ``P`` serves as preconditioner: exact products of the
+    Jacobians at the solution in Newton mode (one scan, then one checking sweep), diagonal products in quasi mode
+    (iterated; a few dozen steps make them tiny for contractive cells, so one scan usually suffices there too).
+    Every iteration makes at least one more chunk exact, counted from the end, and the answer is accepted on the
+    adjoint's own residual, which is zero inside chunks by construction and ``|e_k - w_{k+1}|`` at the boundaries.
+    """
+
+    def __init__(self, problem: _Problem, h_prev: Tensor, chunks: _Chunks) -> None:
+        B, T, H = problem.shape
+        I = problem.x.shape[-1]  # noqa: E741
+        self.problem, self.T = problem, T
+        self.C, self.K = chunks.steps, chunks.transitions.shape[1]
+        x = _to_chunks(problem.x.view(B, T, I), self.C, self.K)
+        states = _to_chunks(h_prev, self.C, self.K)
+        rows = B * self.K
+        self.vjps = [
+            problem.vjp(states[:, :, c].reshape(rows, H), x[:, :, c].reshape(rows, I), check=c == 0)
+            for c in range(self.C)
+        ]
+        # Chunk k's outflow feeds chunk k - 1: the transition of unknown e_k is P_{k+1}^T. The one of the last
+        # unknown only ever meets the fixed zero end value e_{K-1}.
+        A = chunks.transitions[:, 1:]
+        self.A = A if problem.diagonal else A.transpose(-1, -2)
+        self.ends = h_prev.new_zeros(B, self.K, H)
+        # Past T (padding of the last chunk) the adjoint is exactly zero: g is zero-padded and nothing flows in.
+        self.real_steps = T - (self.K - 1) * self.C
+
+    def solve(self, grad: Tensor) -> Tensor:
+        B, T, H = self.problem.shape
+        g = _to_chunks(grad, self.C, self.K)
+        lam = torch.empty_like(g, memory_format=torch.contiguous_format)
+        residual = math.inf
+        for iteration in range(self.problem.max_iters + 1):
+            mismatch = self.sweep(g, lam)
+            err = mismatch.abs().amax() if self.K > 1 else lam.new_zeros(())
+            scale = lam.abs().amax()
+            residual = float(err / scale) if scale > 0 else float(err)
+            if err <= self.problem.tol * scale:
+                return lam.view(B, self.K * self.C, H)[:, :T]
+            if iteration == self.problem.max_iters:
+                break
+            # Residual-correction form of the Newton step: chunks that are already exact get a zero correction.
+            correction = linear_recurrence(self.A, mismatch, reverse=True)
+            self.ends[:, :-1] += torch.nan_to_num_(correction, nan=0.0, posinf=_CLAMP, neginf=-_CLAMP)
+        raise self.problem.adjoint_error(residual)
+
+    def sweep(self, g: Tensor, lam: Tensor) -> Tensor:
+        """Integrate every chunk backwards from its end value into ``lam``; returns ``w_{k+1} - e_k``, ``[B, K-1, H]``."""
+        B, K, C, H = lam.shape
+        inflow = self.ends.view(B * K, H)
+        for c in reversed(range(C)):
+            slab = lam[:, :, c]
+            torch.add(g[:, :, c], inflow.reshape(B, K, H), out=slab)
+            inflow = self.vjps[c](slab.reshape(B * K, H))
+            if c >= self.real_steps:  # a padded step's Jacobian may be non-finite: nothing may leak from it
+                inflow = inflow.clone()  # (a VJP may hand back its argument or a tensor it keeps)
+                inflow[K - 1 :: K] = 0
+        return inflow.reshape(B, K, H)[:, 1:] - self.ends[:, :-1]
+
+
 class _ImplicitAdjoint(torch.autograd.Function):
     """Identity on the solution ``h``; backward turns ``dL/dh`` into the adjoint ``lambda`` for ``z = cell(...)``."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, h: Tensor, problem: _Problem, h_prev: Tensor) -> Tensor:
-        ctx.problem, ctx.h_prev = problem, h_prev
+    def forward(ctx, z: Tensor, h: Tensor, problem: _Problem, h_prev: Tensor, chunks: _Chunks | None) -> Tensor:
+        ctx.problem, ctx.h_prev, ctx.chunks = problem, h_prev, chunks
         return h.clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        return ctx.problem.solve_adjoint(ctx.h_prev, grad.contiguous()), None, None, None
+        lam = ctx.problem.solve_adjoint(ctx.h_prev, grad.contiguous(), ctx.chunks)
+        return lam, None, None, None, None
 
 
 def _check_args(inputs: Tensor, h0: Tensor, mode: str, max_iters: int, tol: float | None) -> float:
@@ -422,6 +584,7 @@ def deer_rnn(
     tol: float | None = None,
     return_info: bool = False,
     cell_and_diagonal: CellAndDiagonal | None = None,
+    cell_vjp: CellVJP | None = None,
 ) -> Tensor | tuple[Tensor, DEERInfo]:
     """Run ``h_t = cell(h_{t-1}, x_t)`` over a whole sequence in parallel (DEER / quasi-DEER).
 
@@ -451,6 +614,10 @@ def deer_rnn(
             forward-mode probes of the cell (see :func:`_transition`); with it, about one cell call. The diagonal
             only steers the iteration: the returned trajectory is computed and checked with ``cell`` itself, gradients
             use ``cell``'s exact VJP, so an inexact diagonal can only cost iterations, never accuracy.
+        cell_vjp: optional fused ``(h_prev, x_t) -> (v -> v^T d cell / d h_prev)`` for the backward pass, e.g.
+            :func:`gru_cell_vjp`: the products with transposed Jacobians that the adjoint solve repeats, without
+            autograd's per-call bookkeeping. It is compared with autograd on a few rows before use (a mismatch
+            raises ``ValueError``); gradients for inputs, ``h0`` and parameters still come from autograd on ``cell``.
 
     Returns:
         ``hs [B, T, H]`` (``hs[:, t]`` is the state after step ``t``), and a :class:`DEERInfo` (iterations, final
@@ -472,16 +639,16 @@ def deer_rnn(
     B, T, _ = inputs.shape
     H = h0.shape[1]
     x_rows = inputs.detach().reshape(B * T, -1)
-    problem = _Problem(cell, cell_and_diagonal, x_rows, (B, T, H), mode == "quasi", tol, max_iters)
+    problem = _Problem(cell, cell_and_diagonal, x_rows, (B, T, H), mode == "quasi", tol, max_iters, cell_vjp)
     with torch.no_grad():
-        h, info = problem.solve(h0.detach())
+        h, info, chunks = problem.solve(h0.detach())
     if torch.is_grad_enabled():
         # One parallel cell call at the solution, h_prev detached except h0: autograd then owns the local
         # derivatives (inputs, h0, parameters) and the custom function supplies the recurrence's adjoint.
         h_prev = _shift(h, h0.detach())
         z = cell(_shift(h, h0).reshape(B * T, H), inputs.reshape(B * T, -1))
         if z.requires_grad:
-            h = _ImplicitAdjoint.apply(z.reshape(B, T, H), h, problem, h_prev)
+            h = _ImplicitAdjoint.apply(z.reshape(B, T, H), h, problem, h_prev, chunks)
     return (h, info) if return_info else h
 
 
@@ -490,11 +657,12 @@ def _gru_gates(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``r, z, n`` and the hidden projection of the new-gate ``gh_n`` of ``torch.nn.GRU``."""
     H = h.shape[-1]
-    gates_h = F.linear(h, weight_hh, bias_hh)
-    rz = torch.sigmoid(gates_x[..., : 2 * H] + gates_h[..., : 2 * H])
-    r, z = rz[..., :H], rz[..., H:]
-    h_n = gates_h[..., 2 * H :]
-    n = torch.tanh(torch.addcmul(gates_x[..., 2 * H :], r, h_n))
+    # split/chunk rather than slices: their backward is one concatenation, where every slice's backward would
+    # allocate and zero a full-width gradient (a third of the cost of a GRU VJP on cache-sized slabs).
+    gh_rz, h_n = F.linear(h, weight_hh, bias_hh).split([2 * H, H], dim=-1)
+    gx_rz, gx_n = gates_x.split([2 * H, H], dim=-1)
+    r, z = torch.sigmoid(gx_rz + gh_rz).chunk(2, dim=-1)
+    n = torch.tanh(torch.addcmul(gx_n, r, h_n))
     return r, z, n, h_n
 
 
@@ -530,6 +698,26 @@ def gru_cell_and_diagonal(
     dn = torch.rsub(r, 1).mul_(h_n).mul_(w_r).add_(w_n).mul_(r).mul_(n.mul_(n).neg_().add_(1))
     diag = torch.rsub(z, 1).mul_(h_minus_n.mul_(z).mul_(w_z).add_(dn)).add_(z)
     return out, diag
+
+
+def gru_cell_vjp(h: Tensor, gates_x: Tensor, weight_hh: Tensor, bias_hh: Tensor | None) -> Callable[[Tensor], Tensor]:
+    """``v -> v^T (d gru_cell / d h)`` for every row of ``h [N, H]`` (the backward pass of DEER; no autograd).
+
+    With ``r, z, n, gh_n`` as in :func:`gru_cell`, ``a_n = (1 - z)(1 - n^2)``, ``a_z = z (1 - z)(h - n)`` and
+    ``a_r = a_n gh_n r (1 - r)``: ``v^T J = z v + [v a_r, v a_z, v a_n r] W_hh``. The factors are computed once
+    here; every product then costs two elementwise products and one matrix product, where autograd replays the
+    whole backward graph of the cell.
+    """
+    with torch.no_grad():
+        r, z, n, h_n = _gru_gates(h, gates_x, weight_hh, bias_hh)
+        a_n = torch.rsub(z, 1).mul_(n.square().neg_().add_(1))
+        factors = torch.stack([a_n * h_n * r * torch.rsub(r, 1), z * torch.rsub(z, 1) * (h - n), a_n * r], dim=-2)
+        weight = weight_hh.detach()
+
+    def vjp(v: Tensor) -> Tensor:
+        return torch.addmm(v * z, (factors * v.unsqueeze(-2)).flatten(-2), weight)
+
+    return vjp
 
 
 class ParallelGRU(nn.Module):
@@ -657,6 +845,7 @@ class ParallelGRU(nn.Module):
             bias_ih = getattr(self, f"bias_ih_l{layer}") if self.bias else None
             gates_x = F.linear(x, getattr(self, f"weight_ih_l{layer}"), bias_ih)
             fused = partial(gru_cell_and_diagonal, weight_hh=weight_hh, bias_hh=bias_hh)
+            vjp = partial(gru_cell_vjp, weight_hh=weight_hh, bias_hh=bias_hh)
             x = deer_rnn(
                 partial(gru_cell, weight_hh=weight_hh, bias_hh=bias_hh),
                 gates_x,
@@ -665,6 +854,7 @@ class ParallelGRU(nn.Module):
                 max_iters=self.max_iters,
                 tol=self.tol,
                 cell_and_diagonal=fused if self.mode == "quasi" else None,
+                cell_vjp=vjp,
             )
             finals.append(x[:, -1])
         h_n = torch.stack(finals)
