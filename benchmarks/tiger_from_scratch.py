@@ -12,8 +12,14 @@ Cases are ``name@lr`` with name one of:
   independent implementation: ``tiger_abs`` and ``lion`` must follow the same trajectory up to float rounding);
 * ``adamw``: ``torch.optim.AdamW`` (Trainer's defaults: betas 0.9/0.999, eps 1e-8, decay on matrices/embeddings).
 
-    flock /tmp/hf_su_bench.lock env PYTHONPATH=$PWD python -m benchmarks.tiger_from_scratch \\
-        --cases tiger@1e-2 tiger@3e-2 lion@3e-4 adamw@1e-3 --steps 400
+Options for the Tiger cases follow a comma: ``tiger@2e-2,beta=0.9`` (``beta``, ``min_rms``, ``shrink_ratio``).
+The default run (tiny preset, five cases, ~5 minutes on one thread) checks that ``tiger_abs`` and ``lion`` agree and
+compares Su's beta 0.965 with ``hf-su train``'s beta 0.9::
+
+    flock /tmp/hf_su_bench.lock env PYTHONPATH=$PWD python -m benchmarks.tiger_from_scratch
+
+The ``small`` preset (``hf-su train``'s default model) takes ~4 minutes per case on one thread, so run a few cases
+at a time, e.g. ``--model small --cases adamw@1e-3 tiger@2e-2,beta=0.9``.
 
 The tokenizer (BytePiece, ``--vocab-size`` pieces, trained on the training split as ``hf-su train`` does) and the
 packed blocks are cached in ``--cache-dir``. One torch thread by default (``--threads``).
@@ -144,8 +150,13 @@ def train_case(case: str, data, args) -> dict:
 
 def main() -> None:
     parser = bench_parser(__doc__)
-    parser.add_argument("--cases", nargs="+", default=["tiger@1e-2", "tiger@3e-2", "lion@3e-4", "adamw@1e-3"])
-    parser.add_argument("--model", default="small", help="hf-su train model preset")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=["adamw@1e-3", "lion@1e-3", "tiger_abs@1e-3", "tiger@1e-2", "tiger@2e-2,beta=0.9"],
+        help="name@lr[,option=value...] with name one of " + ", ".join(NAMES),
+    )
+    parser.add_argument("--model", default="tiny", help="hf-su train model preset")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--eval-at", type=int, nargs="+", default=[100, 200, 400])
     parser.add_argument("--warmup-steps", type=int, default=30)
