@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from hf_su.cli import main
-from hf_su.pipeline import SUMMARY_FILE, TrainSettings, split_documents, train_causal_lm
+from hf_su.pipeline import DEFAULT_LEARNING_RATES, SUMMARY_FILE, TrainSettings, split_documents, train_causal_lm
 from hf_su.testing import run_torchrun
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,6 +152,27 @@ def test_overwrite_replaces_only_after_success(trained_run, tmp_path):
     train_causal_lm(TrainSettings(output_dir=copy, overwrite=True, **{**TINY, "max_steps": 4}))
     assert json.load(open(os.path.join(copy, SUMMARY_FILE)))["global_step"] == 4
     assert not os.path.exists(copy + ".partial")
+
+
+class _OptimizerSpy(TrainerCallback):
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+
+
+def test_tiger_defaults_and_user_optim_args(tmp_path):
+    """The job's Tiger gets DEFAULT_TIGER_OPTIONS (beta 0.9) and lr 1e-2; the user's optim_args add or override."""
+    spy = _OptimizerSpy()
+    settings = TrainSettings(
+        output_dir=str(tmp_path / "o"), **{**TINY, "max_steps": 1, "eval_steps": 1, "save_steps": 1}
+    )
+    train_causal_lm(settings, callbacks=[spy])
+    assert type(spy.optimizer).__name__ == "Tiger"
+    assert {(g["beta"], g["min_rms"]) for g in spy.optimizer.param_groups} == {(0.9, 1e-3)}
+    assert spy.optimizer.defaults["lr"] == DEFAULT_LEARNING_RATES["tiger"]
+    settings.output_dir, settings.tokenizer = str(tmp_path / "u"), str(tmp_path / "o")  # skip tokenizer training
+    settings.extra_training_args = {"optim_args": "beta=0.95,min_rms=0.05"}
+    train_causal_lm(settings, callbacks=[spy])
+    assert {(g["beta"], g["min_rms"]) for g in spy.optimizer.param_groups} == {(0.95, 0.05)}
 
 
 def test_split_documents_is_deterministic_and_disjoint():

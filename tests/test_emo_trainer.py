@@ -249,7 +249,7 @@ def test_tiger_optimizer(tmp_path):
     before = _param_dict(model)
     trainer = EMOTrainer(
         model=model,
-        args=_args(tmp_path, max_steps=2, learning_rate=1e-3, weight_decay=0.01),
+        args=_args(tmp_path, max_steps=2, learning_rate=1e-3, weight_decay=0.01, optim_args="beta=0.9, min_rms=0.05"),
         train_dataset=_examples(16),
         optimizer="tiger",
     )
@@ -257,6 +257,7 @@ def test_tiger_optimizer(tmp_path):
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
     assert isinstance(optimizer, tiger.Tiger)
     assert all(group["lr"] == 1e-3 for group in optimizer.param_groups)
+    assert all(group["beta"] == 0.9 and group["min_rms"] == 0.05 for group in optimizer.param_groups)  # optim_args
     assert {group["weight_decay"] for group in optimizer.param_groups} == {0.0, 0.01}  # vectors take no decay
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
 
@@ -286,6 +287,9 @@ def test_clear_errors(tmp_path):
         EMOTrainer(model=model, args=args, optimizer="lion")
     with pytest.raises(ValueError, match="conflicts"):
         EMOTrainer(model=model, args=args, optimizer="tiger", optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 1}))
+    for bad in ("betas=0.9", "beta", "min_rms=small"):
+        with pytest.raises(ValueError, match="optim_args item"):
+            EMOTrainer(model=model, args=_args(tmp_path, optim_args=bad), optimizer="tiger")
     with pytest.raises(ValueError, match="compute_loss_func"):
         EMOTrainer(model=model, args=args, compute_loss_func=lambda *a, **k: 0)
     with pytest.raises(ValueError, match="label_smoothing"):

@@ -197,6 +197,27 @@ def _train(model, opt, batches, *, step_in_backward=False):
             opt.zero_grad()
 
 
+def test_without_rms_scaling_equals_lion_pytorch_with_equal_betas():
+    """Tiger's core rule against an independent package: with a constant ``lr_scale=1`` it is Lion with
+    ``beta1 = beta2`` (lucidrains' lion-pytorch), step for step on a language model, decay and no-decay groups."""
+    lion_pytorch = pytest.importorskip("lion_pytorch")
+    base = _tiny_lm().to(torch.float64)
+    models = [copy.deepcopy(base) for _ in range(2)]
+
+    def groups(model, **extra):
+        matrices = [p for p in model.parameters() if p.ndim >= 2]
+        vectors = [p for p in model.parameters() if p.ndim < 2]
+        return [dict(params=matrices, **extra), dict(params=vectors, weight_decay=0.0, **extra)]
+
+    tiger = Tiger(groups(models[0], lr_scale=1.0), lr=3e-3, beta=0.9, weight_decay=0.5)
+    lion = lion_pytorch.Lion(groups(models[1]), lr=3e-3, betas=(0.9, 0.9), weight_decay=0.5)
+    for opt, model in zip((tiger, lion), models):
+        _train(model, opt, _batches(6))
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    assert not torch.equal(models[0].lm_head.weight, base.lm_head.weight)
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_foreach_equals_per_tensor_and_step_in_backward(k):
     base = _tiny_lm()

@@ -24,6 +24,29 @@ from .emo import MODES, fused_emo_loss
 COST_EMBEDDING_FILE = "emo_cost_embedding.safetensors"
 COST_CHOICES = ("adaptive", "fixed")
 OPTIMIZERS = ("adamw", "tiger")
+TIGER_OPTIONS = ("beta", "min_rms", "shrink_ratio")
+
+
+def tiger_options(optim_args: str | None) -> dict[str, float]:
+    """Tiger keyword arguments from ``TrainingArguments.optim_args``, e.g. ``"beta=0.965,min_rms=0.0625"``.
+
+    Raises:
+        ValueError: an item that is not ``key=number`` with ``key`` in :data:`TIGER_OPTIONS`.
+    """
+    options: dict[str, float] = {}
+    for item in (optim_args or "").replace(" ", "").split(","):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or key not in TIGER_OPTIONS:
+                raise ValueError
+            options[key] = float(value)
+        except ValueError:
+            raise ValueError(
+                f"optim_args item {item!r} for Tiger must be key=number with key one of {', '.join(TIGER_OPTIONS)}"
+            ) from None
+    return options
 
 
 class EMOTrainer(Trainer):
@@ -48,7 +71,8 @@ class EMOTrainer(Trainer):
         emo_chunk_size: tokens per chunk of the fused loss (default: see ``default_chunk_size``).
         optimizer: ``"adamw"``: the Trainer's own optimizer (``args.optim``, AdamW by default; ``optimizers=`` and
             ``optimizer_cls_and_kwargs=`` are respected); ``"tiger"``: :class:`hf_su.trainer.tiger.Tiger` with
-            ``tiger_param_groups``, ``args.learning_rate`` and ``args.weight_decay``.
+            ``tiger_param_groups``, ``args.learning_rate``, ``args.weight_decay`` and, from ``args.optim_args``
+            (``"beta=0.965,min_rms=0.0625"``), its ``beta``, ``min_rms`` and ``shrink_ratio``.
         **trainer_kwargs: passed on to :class:`~transformers.Trainer`.
 
     Logs ``ce_loss`` and ``emo_loss`` (token means since the last log, over all processes) beside ``loss``.
@@ -56,7 +80,7 @@ class EMOTrainer(Trainer):
     give the same update as one large batch.
 
     Raises:
-        ValueError: unknown mode, cost or optimizer; a cost embedding whose vocab size differs from the model's; a
+        ValueError: unknown mode, cost or optimizer; ``optim_args`` that Tiger does not take; a cost embedding whose vocab size differs from the model's; a
             model without output embeddings or decoder; options EMO cannot honour (``compute_loss_func``, label
             smoothing, ``nn.DataParallel``, LoRA on the output layer, a model that rescales its logits).
     """
@@ -87,6 +111,8 @@ class EMOTrainer(Trainer):
         ):
             raise ValueError("optimizer='tiger' conflicts with a given optimizers= / optimizer_cls_and_kwargs=")
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        if optimizer == "tiger":
+            tiger_options(self.args.optim_args)  # refuse bad options before training starts
         if self.args.label_smoothing_factor:
             raise ValueError(
                 "label_smoothing_factor is not supported by EMOTrainer (the EMO cost already spreads credit)"
@@ -268,7 +294,8 @@ class EMOTrainer(Trainer):
 
             opt_model = self.model if model is None else model
             groups = tiger_param_groups(opt_model, weight_decay=self.args.weight_decay)
-            self.optimizer = Tiger(groups, lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
+            options = tiger_options(self.args.optim_args)
+            self.optimizer = Tiger(groups, lr=self.args.learning_rate, weight_decay=self.args.weight_decay, **options)
             return self.optimizer
         return super().create_optimizer(model)
 
