@@ -99,6 +99,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        extra_training_args={"optim_args": args.optim_args} if args.optim_args else {},
     )
     try:
         summary = train_causal_lm(settings)
@@ -149,7 +150,11 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--loss", choices=["mix", "emo2", "emo", "ce"], default=d.loss, help="EMO mixing mode")
     train.add_argument("--emo-cost", choices=["adaptive", "fixed"], default=d.emo_cost)
     train.add_argument("--optimizer", choices=["tiger", "adamw"], default=d.optimizer)
-    train.add_argument("--learning-rate", type=float, help="default: 1e-2 for tiger, 1e-3 for adamw")
+    train.add_argument("--learning-rate", type=float, help="default: 2e-2 for tiger (relative step), 1e-3 for adamw")
+    train.add_argument(
+        "--optim-args",
+        help='Tiger options as TrainingArguments.optim_args, e.g. "beta=0.965,min_rms=0.05" (default: beta=0.9)',
+    )
     train.add_argument("--batch-size", type=int, default=d.batch_size, help="per device")
     train.add_argument("--grad-accum", type=int, default=d.grad_accum)
     train.add_argument("--max-steps", type=int, default=d.max_steps)

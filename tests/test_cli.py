@@ -160,7 +160,7 @@ class _OptimizerSpy(TrainerCallback):
 
 
 def test_tiger_defaults_and_user_optim_args(tmp_path):
-    """The job's Tiger gets DEFAULT_TIGER_OPTIONS (beta 0.9) and lr 1e-2; the user's optim_args add or override."""
+    """The job's Tiger gets DEFAULT_TIGER_OPTIONS (beta 0.9) and its default lr; the user's optim_args add or override."""
     spy = _OptimizerSpy()
     settings = TrainSettings(
         output_dir=str(tmp_path / "o"), **{**TINY, "max_steps": 1, "eval_steps": 1, "save_steps": 1}
@@ -173,6 +173,21 @@ def test_tiger_defaults_and_user_optim_args(tmp_path):
     settings.extra_training_args = {"optim_args": "beta=0.95,min_rms=0.05"}
     train_causal_lm(settings, callbacks=[spy])
     assert {(g["beta"], g["min_rms"]) for g in spy.optimizer.param_groups} == {(0.95, 0.05)}
+
+
+def test_optim_args_flag_reaches_the_settings(monkeypatch, tmp_path):
+    import hf_su.pipeline
+
+    seen: list[TrainSettings] = []
+
+    def fake_train(settings):
+        seen.append(settings)
+        return {"parameters": 1, "global_step": 0, "eval_loss": 0.0}
+
+    monkeypatch.setattr(hf_su.pipeline, "train_causal_lm", fake_train)
+    assert main(["train", "--output-dir", str(tmp_path / "a"), "--optim-args", "beta=0.965,min_rms=0.05"]) == 0
+    assert main(["train", "--output-dir", str(tmp_path / "b")]) == 0
+    assert [s.extra_training_args for s in seen] == [{"optim_args": "beta=0.965,min_rms=0.05"}, {}]
 
 
 def test_split_documents_is_deterministic_and_disjoint():
