@@ -373,3 +373,17 @@ def test_texts_larger_than_a_block_are_sampled_in_pieces(monkeypatch):
         assert sampled == encode_sampled(tokenizer, texts, alpha=alpha, seed=3, add_special_tokens=True)
         assert [tokenizer.decode(ids) for ids in sampled] == [tokenizer.decode(tokenizer.encode(t)) for t in texts]
         assert all(ids.count(tokenizer.eos_token_id) == 1 and ids[-1] == tokenizer.eos_token_id for ids in sampled)
+
+
+def test_bytepiece_special_tokens_around_samples(bytepiece_segmenter):
+    tokenizer = BytePieceTokenizerFast.from_bytepiece(
+        bytepiece_model_dict({bytes([b]): 1 for b in range(256)} | TOY_BYTEPIECE),
+        add_bos_token=True,
+        add_eos_token=True,
+    )
+    for ids in encode_sampled(tokenizer, ["天气好 ab", ""], alpha=0.1, seed=0, add_special_tokens=True):
+        assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    from hf_su.tokenization import SubwordRegularization
+
+    ids = SubwordRegularization(tokenizer, alpha=0.1, seed=0).encode(["天气好"])[0]
+    assert (ids[0], ids[-1]) == (tokenizer.bos_token_id, tokenizer.eos_token_id)

@@ -471,24 +471,43 @@ def _split_words(words: list[str], size: int) -> list[list[str]]:
     return [words[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
+def _bytepiece(tokenizer: Any) -> Any | None:
+    """The tokenizer if it is a ``BytePieceTokenizerFast`` (which samples in its C segmenter), else None."""
+    from .bytepiece import BytePieceTokenizerFast
+
+    return tokenizer if isinstance(tokenizer, BytePieceTokenizerFast) else None
+
+
 def _bytepiece_sample(
     tokenizer: Any, texts: Sequence[str], alpha: float, rng: np.random.Generator
 ) -> list[list[int]] | None:
-    """A BytePiece tokenizer samples in its C segmenter (same law, one pass per chunk); None for other tokenizers."""
-    from .bytepiece import BytePieceTokenizerFast
-
-    if not isinstance(tokenizer, BytePieceTokenizerFast):
+    """A BytePiece tokenizer samples in its C segmenter (same law, one pass per chunk); None for other tokenizers
+    and when the C segmenter cannot serve it. No NumPy lattice is compiled on this path."""
+    bytepiece = _bytepiece(tokenizer)
+    if bytepiece is None:
         return None
     for text in texts:
         if not isinstance(text, str):
             raise _text_type_error(text)
-    return tokenizer._sampled_raw_ids(texts, alpha, rng)
+    return bytepiece._sampled_raw_ids(texts, alpha, rng)
+
+
+def _tokenizer_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """:func:`_special_affixes`, read from a BytePiece tokenizer's template when it has one (no lattice compiled)."""
+    bytepiece = _bytepiece(tokenizer)
+    affixes = None if bytepiece is None else bytepiece._special_affixes(True)
+    return affixes if affixes is not None else _special_affixes(_backend(tokenizer))
 
 
 def _encode_many(
     tokenizer: Any, texts: Sequence[str], alpha: float, rng: np.random.Generator, add_special_tokens: bool
 ) -> list[list[int]]:
     backend = _backend(tokenizer)
+    if alpha >= 0:
+        sampled = _bytepiece_sample(tokenizer, texts, alpha, rng)
+        if sampled is not None:
+            prefix, suffix = _tokenizer_affixes(tokenizer) if add_special_tokens else ([], [])
+            return [prefix + ids + suffix for ids in sampled] if prefix or suffix else sampled
     compiled = _compiled(backend)
     if alpha < 0:
         for text in texts:
@@ -496,9 +515,6 @@ def _encode_many(
                 raise _text_type_error(text)
         return [enc.ids for enc in backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
     prefix, suffix = _special_affixes(backend) if add_special_tokens else ([], [])
-    sampled = _bytepiece_sample(tokenizer, texts, alpha, rng)
-    if sampled is not None:
-        return [prefix + ids + suffix for ids in sampled] if prefix or suffix else sampled
 
     results: list[list[int]] = [[] for _ in texts]
     whole: set[int] = set()  # texts encoded by tokenizers first (added tokens inside), special tokens included
@@ -669,7 +685,8 @@ class SubwordRegularization:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be a positive int or None, got {max_length}")
-        _compiled(_backend(tokenizer))  # fail early on a non-Unigram tokenizer
+        if _bytepiece(tokenizer) is None:
+            _compiled(_backend(tokenizer))  # fail early on a non-Unigram tokenizer (BytePiece is Unigram)
         self.tokenizer = tokenizer
         self.seed = seed
         self.text_column = text_column
@@ -696,7 +713,7 @@ class SubwordRegularization:
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Sampled ids for each text, with special tokens and ``max_length`` applied."""
         ids = encode_sampled(self.tokenizer, list(texts), self.alpha, self.generator, add_special_tokens=False)
-        prefix, suffix = _special_affixes(_backend(self.tokenizer)) if self.add_special_tokens else ([], [])
+        prefix, suffix = _tokenizer_affixes(self.tokenizer) if self.add_special_tokens else ([], [])
         room = None if self.max_length is None else max(self.max_length - len(prefix) - len(suffix), 0)
         return [prefix + (seq if room is None else seq[:room]) + suffix for seq in ids]
 
