@@ -74,6 +74,15 @@ def make_case(kind: str, dtype: torch.dtype, T: int, B: int = 2, I: int = 3, H: 
     return cell, params, inputs, h0
 
 
+def assert_same_gradients(ours: nn.Module, gru: nn.GRU, x: torch.Tensor, hx: torch.Tensor) -> None:
+    """Gradients of a loss on the outputs w.r.t. inputs, initial state and parameters match ``nn.GRU``'s (float64)."""
+    x, hx = x.detach().requires_grad_(True), hx.detach().requires_grad_(True)
+    expected = torch.autograd.grad(gru(x, hx)[0].square().sum(), [x, hx, *gru.parameters()])
+    got = torch.autograd.grad(ours(x, hx)[0].square().sum(), [x, hx, *ours.parameters()])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-8)
+
+
 # ----------------------------------------------------------------------------------------------- scan
 
 
@@ -203,12 +212,7 @@ def test_default_cpu_chunks_parallel_gru_matches_torch_gru(monkeypatch, mode):
     ours = ParallelGRU.from_gru(gru, mode=mode)
     x, hx = torch.randn(2, T, 4, dtype=F64), torch.randn(1, 2, H, dtype=F64)
     torch.testing.assert_close(ours(x, hx)[0], gru(x, hx)[0], rtol=0, atol=1e-8)
-    x.requires_grad_(True)
-    hx.requires_grad_(True)
-    expected = torch.autograd.grad(gru(x, hx)[0].square().sum(), [x, hx, *gru.parameters()])
-    got = torch.autograd.grad(ours(x, hx)[0].square().sum(), [x, hx, *ours.parameters()])
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-8)
+    assert_same_gradients(ours, gru, x, hx)
 
 
 @pytest.mark.usefixtures("small_chunks")
@@ -475,12 +479,7 @@ def test_parallel_gru_equals_torch_gru(num_layers, bias, batch_first, mode):
         out, h_n = ours(*args)
         torch.testing.assert_close(out, expected_out, rtol=0, atol=1e-8)
         torch.testing.assert_close(h_n, expected_hn, rtol=0, atol=1e-8)
-    x.requires_grad_(True)
-    hx.requires_grad_(True)
-    expected = torch.autograd.grad(gru(x, hx)[0].square().sum(), [x, hx, *gru.parameters()])
-    got = torch.autograd.grad(ours(x, hx)[0].square().sum(), [x, hx, *ours.parameters()])
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-8)
+    assert_same_gradients(ours, gru, x, hx)
 
 
 def test_parallel_gru_float32_unbatched_and_state_dict_round_trip():
